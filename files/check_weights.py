@@ -6,9 +6,12 @@ Uploaded by tasks/model.py and run with the venv's python (or any python3 3.8+):
   check  --dir D --shards N [--repo R --revision REV] [--record F] [--expect K=V ...]
          JSON report on stdout; exit 0 when the copy is complete (and, when
          --repo/--revision/--expect are given, its record matches), else 1.
-  record --dir D --shards N --repo R --revision REV [--host NAME]
-         check; when complete, write D/.mlx-route.json (repo, revision, the
-         commit hf resolved) and exit 0; otherwise say what is missing, exit 1.
+  record --dir D --shards N (--repo R --revision REV | --expect K=V ...) [--host NAME]
+         check; when complete, write D/.mlx-route.json (the given keys, e.g.
+         repo + revision or package + dtype, and the commit hf resolved) and
+         exit 0; otherwise say on stderr what is missing, exit 1. A later
+         `check` with the same keys then tells whether the copy is the one
+         the data asks for (a changed pinned revision means: fetch again).
   clean  --dir D
          remove the *.incomplete files an interrupted `hf download` leaves in
          D/.cache/huggingface/download (it never reuses nor removes them).
@@ -324,18 +327,18 @@ def main(argv: list | None = None) -> int:
         return 0 if report["up_to_date"] else 1
 
     # record
-    if not (args.repo and args.revision):
-        parser.error("record needs --repo and --revision")
+    if not expect:
+        parser.error("record needs --repo and --revision, or --expect KEY=VALUE")
     report = check(model_dir, args.shards, RECORD, {})
     if not report["complete"]:
         print(json.dumps(report, sort_keys=True))
         print(
-            "%s: the model in %s is not complete after hf download: %s; run the deploy again to resume"
+            "%s: the model in %s is not complete: %s; run the deploy again to resume the download"
             % (args.host, model_dir, summary(report)),
             file=sys.stderr,
         )
         return 1
-    data = {"repo": args.repo, "revision": args.revision, "commit": report["commit"], "shards": args.shards}
+    data = dict(expect, commit=report["commit"], shards=args.shards)
     path = os.path.join(model_dir, RECORD)
     if read_record(model_dir, RECORD) != data:
         tmp = path + ".tmp"

