@@ -1,0 +1,128 @@
+"""supervisord, installed into the route's venv, where systemd is not PID 1.
+
+supervisord runs as the service user with its own socket under route_home, so
+it needs no root and never touches a system-wide supervisor.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import shlex
+from io import StringIO
+
+from pyinfra import host, logger
+from pyinfra.api import FactBase
+from pyinfra.operations import files, server
+
+from tasks.common import paths
+from tasks.services import Service, render
+
+
+class SupervisorStatus(FactBase):
+    """Program name -> state (RUNNING, STARTING, FATAL...); None when supervisord is down."""
+
+    def command(self, ctl: str) -> str:
+        # `pid` prints supervisord's pid only when it answers on its socket;
+        # `status` exits non-zero when any program is stopped, so its exit
+        # code is ignored.
+        return f"{ctl} pid 2>/dev/null | grep -qE '^[0-9]+$' && {{ {ctl} status 2>&1; true; }} || echo DOWN"
+
+    def process(self, output):
+        if output and output[0].strip() == "DOWN":
+            return None
+        states = {}
+        for line in output:
+            fields = line.split()
+            if len(fields) >= 2 and fields[1].isupper():
+                states[fields[0]] = fields[1]
+        return states
+
+
+class HardNofile(FactBase):
+    """The hard open-files limit a process started over this connection gets."""
+
+    def command(self) -> str:
+        return "ulimit -Hn"
+
+    def process(self, output):
+        value = output[0].strip() if output else "unlimited"
+        return None if value == "unlimited" else int(value)
+
+
+class SupervisorBackend:
+    name = "supervisor"
+
+    def __init__(self) -> None:
+        p = paths()
+        self.root = posixpath.join(p.route_home, "supervisor")
+        self.conf = posixpath.join(self.root, "supervisord.conf")
+        self.conf_d = posixpath.join(self.root, "conf.d")
+        self.ctl = f"{shlex.quote(p.venv_bin('supervisorctl'))} -c {shlex.quote(self.conf)}"
+        self.supervisord = f"{shlex.quote(p.venv_bin('supervisord'))} -c {shlex.quote(self.conf)}"
+        self.home = p.home
+        self.logs_dir = p.logs_dir
+
+    def definition_path(self, svc: Service) -> str:
+        return posixpath.join(self.conf_d, f"{svc.name}.conf")
+
+    def render(self, svc: Service) -> str:
+        return render("supervisor/program.conf.j2", svc=svc)
+
+    def _status(self) -> dict | None:
+        return host.get_fact(SupervisorStatus, ctl=self.ctl)
+
+    def prepare(self) -> None:
+        files.directory(name="Create the supervisor directories", path=self.conf_d, present=True)
+        files.put(
+            name="Write supervisord.conf",
+            src=StringIO(render(
+                "supervisor/supervisord.conf.j2",
+                sock=posixpath.join(self.root, "supervisor.sock"),
+                pidfile=posixpath.join(self.root, "supervisord.pid"),
+                logfile=posixpath.join(self.logs_dir, "supervisord.log"),
+                conf_d=self.conf_d,
+                home=self.home,
+                nofile=self.nofile(),
+            )),
+            dest=self.conf,
+        )
+        if self._status() is None:
+            server.shell(
+                name="Start supervisord",
+                commands=[f"{self.supervisord}"],
+            )
+
+    def nofile(self) -> int:
+        """service_nofile, capped by the hard limit (supervisord refuses to start above it)."""
+        wanted = int(host.data.service_nofile)
+        hard = host.get_fact(HardNofile)
+        if hard is not None and hard < wanted:
+            logger.warning(
+                f"{host.name}: service_nofile {wanted} is above the hard limit {hard}; "
+                f"the services get {hard} (raise the hard limit to get more)"
+            )
+            return hard
+        return wanted
+
+    def install(self, svc: Service, text: str) -> None:
+        files.put(
+            name=f"Write the supervisor program for the {svc.name}",
+            src=StringIO(text),
+            dest=self.definition_path(svc),
+        )
+
+    def restart(self, svc: Service) -> None:
+        # remove + add reloads the program's definition and starts it once;
+        # `update` would leave an unchanged definition running old code.
+        name = shlex.quote(svc.name)
+        server.shell(
+            name=f"(Re)start the {svc.name} under supervisor",
+            commands=[
+                f"{self.ctl} reread >/dev/null",
+                f"{{ {self.ctl} stop {name}; {self.ctl} remove {name}; }} >/dev/null 2>&1 || true",
+                f"{self.ctl} add {name}",
+            ],
+        )
+
+    def is_running(self, svc: Service) -> bool:
+        return (self._status() or {}).get(svc.name) in ("RUNNING", "STARTING")

@@ -1,0 +1,56 @@
+"""systemd system units, where systemd is PID 1 (needs root: run pyinfra with --sudo)."""
+
+from __future__ import annotations
+
+import shlex
+
+from pyinfra import host
+from pyinfra.facts.systemd import SystemdStatus
+from pyinfra.operations import files, server
+
+from tasks.common import paths
+from tasks.services import Service, render
+
+UNIT_DIR = "/etc/systemd/system"
+
+
+class SystemdBackend:
+    name = "systemd"
+
+    def definition_path(self, svc: Service) -> str:
+        return f"{UNIT_DIR}/{svc.label}.service"
+
+    def render(self, svc: Service) -> str:
+        return render(
+            "systemd/unit.service.j2",
+            svc=svc,
+            user=paths().user,
+            wanted_by="multi-user.target",
+        )
+
+    def prepare(self) -> None:
+        pass
+
+    def install(self, svc: Service, text: str) -> None:
+        from io import StringIO
+
+        files.put(
+            name=f"Write the systemd unit for the {svc.name}",
+            src=StringIO(text),
+            dest=self.definition_path(svc),
+            mode="644",
+        )
+
+    def restart(self, svc: Service) -> None:
+        unit = shlex.quote(f"{svc.label}.service")
+        server.shell(
+            name=f"(Re)start the {svc.name} under systemd",
+            commands=[
+                "systemctl daemon-reload",
+                f"systemctl enable {unit}",
+                f"systemctl restart {unit}",
+            ],
+        )
+
+    def is_running(self, svc: Service) -> bool:
+        return bool(host.get_fact(SystemdStatus).get(f"{svc.label}.service"))

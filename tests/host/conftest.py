@@ -1,0 +1,53 @@
+"""Fixtures of the host suite: the route as the deploy described it on the host.
+
+Run against any deployed host, by the deploy's last step or by hand:
+
+    pytest tests/host --hosts=local://            # this machine
+    pytest tests/host --hosts=ssh://me@studio     # a Mac over SSH
+
+Everything is read or run on the host (testinfra's `host.run`, `host.file`),
+so the checks are the same on Linux and macOS; host.socket, host.service and
+host.process are not used because testinfra does not implement them on macOS.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def route(host, request):
+    path = request.config.getoption("--route-manifest")
+    if path.startswith("~/"):
+        path = host.run("printf %s \"$HOME\"").stdout + path[1:]
+    manifest = host.file(path)
+    assert manifest.exists, f"{path} is missing on the host: run the deploy first"
+    return json.loads(manifest.content_string)
+
+
+@pytest.fixture(scope="module")
+def http(host, route):
+    """curl run on the host, so loopback-only services are reachable."""
+
+    def call(method: str, port: int, path: str, body: dict | None = None, key: bool = True,
+             timeout: int = 300) -> tuple[int, str]:
+        auth = ""
+        key_file = route["proxy"]["key_file"]
+        if key and key_file and port == route["proxy"]["port"]:
+            # the key is read on the host and never leaves it in a log
+            auth = f'-H "Authorization: Bearer $(cat {shlex.quote(key_file)})" '
+        data = ""
+        if body is not None:
+            data = f"-H 'Content-Type: application/json' --data-binary {shlex.quote(json.dumps(body))} "
+        out = host.run(
+            f"curl -sS --max-time {timeout} -X {method} {auth}{data}"
+            f"-w '\\n%{{http_code}}' http://127.0.0.1:{port}{path}"
+        )
+        assert out.rc == 0, f"curl failed on the host: {out.stderr}"
+        text, _, status = out.stdout.rpartition("\n")
+        return int(status), text
+
+    return call

@@ -1,0 +1,102 @@
+"""The route is healthy: the promises a user checks after every deploy."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import shlex
+
+PROXY_CLIENT_MODEL = "openai/glm52"  # what LiteLLM / Terminal-Bench send (seed, section 8)
+
+
+def listening(host, port: int) -> set[str]:
+    """Addresses with a TCP listener on `port` (lsof works on macOS and Linux)."""
+    out = host.run(f"lsof -nP -iTCP:{int(port)} -sTCP:LISTEN -Fn")
+    return {line[1:].rsplit(":", 1)[0] for line in out.stdout.splitlines() if line.startswith("n")}
+
+
+def test_server_listens_on_loopback_only(host, route):
+    addresses = listening(host, route["server"]["port"])
+    assert addresses, f"nothing listens on the server port {route['server']['port']}"
+    assert addresses <= {"127.0.0.1", "[::1]", "localhost"}, (
+        f"mlx_lm.server must stay on loopback, found {sorted(addresses)}"
+    )
+
+
+def test_proxy_listens_where_data_says(host, route):
+    addresses = listening(host, route["proxy"]["port"])
+    wanted = route["proxy"]["host"]
+    assert addresses, f"nothing listens on the proxy port {route['proxy']['port']}"
+    if wanted in ("0.0.0.0", "*"):
+        assert addresses & {"*", "0.0.0.0"}, f"proxy should listen on all addresses: {addresses}"
+    else:
+        assert addresses == {wanted}, f"proxy should listen on {wanted} only: {addresses}"
+
+
+def test_every_shard_of_the_index_is_present(host, route):
+    index = host.file(posixpath.join(route["model_dir"], "model.safetensors.index.json"))
+    assert index.exists, f"{index.path} is missing: the weights are incomplete"
+    shards = sorted(set(json.loads(index.content_string)["weight_map"].values()))
+    assert len(shards) == route["shards"], (
+        f"the index names {len(shards)} shards, the profile expects {route['shards']}"
+    )
+    for shard in shards:
+        f = host.file(posixpath.join(route["model_dir"], shard))
+        assert f.exists and f.size > 0, f"{f.path} is missing or empty"
+    listed = host.run(f"find {shlex.quote(route['model_dir'])} -maxdepth 1 -name '*.safetensors'")
+    assert len(listed.stdout.split()) == route["shards"]
+    leftovers = host.run(f"find {shlex.quote(route['model_dir'])} -name '*.incomplete'")
+    assert leftovers.stdout.strip() == "", f"unfinished downloads: {leftovers.stdout}"
+
+
+def service_running(host, route, name: str) -> tuple[bool, str]:
+    label = route["services"][name]
+    backend = route["backend"]
+    if backend == "supervisor":
+        out = host.run(f"{route['backend_ctl']} status {name}")
+        return " RUNNING " in f" {out.stdout} ", out.stdout
+    if backend == "systemd":
+        out = host.run(f"systemctl is-active {shlex.quote(label)}.service")
+        return out.stdout.strip() == "active", out.stdout
+    out = host.run(f"launchctl print {route['launchd_domain']}/{label}")
+    return "state = running" in out.stdout, out.stdout[:500]
+
+
+def test_server_runs_under_its_service_manager(host, route):
+    ok, status = service_running(host, route, "server")
+    assert ok, f"the server is not running under {route['backend']}: {status}"
+
+
+def test_proxy_runs_under_its_service_manager(host, route):
+    ok, status = service_running(host, route, "proxy")
+    assert ok, f"the proxy is not running under {route['backend']}: {status}"
+
+
+def test_models_endpoint_answers_through_the_proxy(http, route):
+    status, body = http("GET", route["proxy"]["port"], "/v1/models")
+    assert status == 200, body
+    assert json.loads(body)["data"], body
+
+
+def test_chat_through_the_proxy_answers_and_normalizes_the_model(http, route):
+    smoke = route["smoke"]
+    status, body = http("POST", route["proxy"]["port"], "/v1/chat/completions", {
+        "model": PROXY_CLIENT_MODEL,
+        "messages": smoke["messages"],
+        "max_tokens": smoke.get("max_tokens", 16),
+        "temperature": 0,
+    })
+    assert status == 200, body
+    reply = json.loads(body)
+    assert reply["model"] == PROXY_CLIENT_MODEL, reply
+    content = reply["choices"][0]["message"]["content"]
+    assert smoke["expect"] in content, f"expected {smoke['expect']!r} in {content!r}"
+
+
+def test_proxy_refuses_a_request_without_the_key(http, route):
+    if not route["proxy"]["key_file"]:
+        # The promise only exists with a key; without one the proxy is loopback-only.
+        assert route["proxy"]["host"] in ("127.0.0.1", "::1", "localhost")
+        return
+    status, body = http("GET", route["proxy"]["port"], "/v1/models", key=False)
+    assert status == 401, body
