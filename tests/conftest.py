@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.fixtures.artifacts",
     "tests.fixtures.hubstub",
+    "tests.fixtures.tiny_glm",
 ]
