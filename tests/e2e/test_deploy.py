@@ -1,0 +1,105 @@
+"""The real deploy, run against this machine with the small model.
+
+These run README's own command (`pyinfra -y inventory.py deploy.py`) against
+@local: a real venv, the real weights conversion, a real mlx_lm.server and
+proxy under a real supervisor, then the testinfra host suite as the deploy's
+last step. They take minutes: `pytest -m "not e2e"` leaves them out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
+
+REPO = Path(__file__).resolve().parents[2]
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+VERIFY_ROW = "Verify the route with the host suite"
+
+
+def deploy(*args: str, inventory: str = "inventory.py", timeout: int = 1200):
+    result = subprocess.run(
+        [PYINFRA, "-y", inventory, "deploy.py", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    return result, result.stdout + result.stderr
+
+
+def results_table(log: str) -> dict[str, tuple[str, str, str]]:
+    """Operation -> (success, error, no change) from pyinfra's Results table."""
+    rows = {}
+    table = log.split("--> Results:", 1)[-1]
+    for line in table.splitlines():
+        match = re.match(r"\s{4}(.+?)\s{2,}(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s*$", line)
+        if match and match.group(1) not in ("Operation", "Grand total"):
+            rows[match.group(1)] = match.group(3, 4, 5)
+    return rows
+
+
+def supervisorctl(*args: str) -> str:
+    manifest = json.loads((Path.home() / ".local/share/mlx-route/route.json").read_text())
+    return subprocess.run(
+        f"{manifest['backend_ctl']} {' '.join(args)}", shell=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def first_run():
+    result, log = deploy()
+    assert result.returncode == 0, log[-6000:]
+    return log
+
+
+def test_deploy_brings_up_a_route_the_host_suite_passes(first_run):
+    rows = results_table(first_run)
+    verify = [name for name in rows if name.startswith(VERIFY_ROW)]
+    assert verify, first_run[-3000:]
+    assert rows[verify[0]][1] == "-", "the host suite failed"
+    assert re.search(r"\b\d+ passed\b", first_run), first_run[-3000:]
+    assert "failed" not in re.findall(r"\d+ (passed|failed)", first_run)
+
+
+def test_second_run_reports_no_changes(first_run):
+    result, log = deploy()
+    assert result.returncode == 0, log[-6000:]
+    rows = results_table(log)
+    assert rows, log[-3000:]
+    changed = {
+        name: row for name, row in rows.items()
+        if row[0] not in ("-", "0") and not name.startswith(VERIFY_ROW)
+    }
+    assert changed == {}, f"a re-run changed something: {changed}"
+
+
+def test_failed_smoke_generate_stops_the_deploy_and_keeps_the_running_server(first_run, tmp_path):
+    """A profile whose smoke answer cannot match: the deploy must stop before
+    touching the running server (same pid, same stamp), with the model's answer
+    in the error."""
+    pid_before = supervisorctl("pid", "server")
+    stamp = Path.home() / ".local/share/mlx-route/state/server.applied"
+    stamp_before = stamp.read_text()
+    inventory = tmp_path / "inventory_bad_smoke.py"
+    inventory.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO / "group_data")!r})
+        from all import model_profiles
+        profile = dict(model_profiles["smollm2-135m"])
+        profile["smoke"] = dict(profile["smoke"], expect="Berlin")
+        local = [("@local", {{
+            "model_profiles": {{**model_profiles, "smollm2-135m": profile}},
+        }})]
+    """))
+    result, log = deploy(inventory=str(inventory))
+    assert result.returncode != 0, log[-3000:]
+    assert "lacks 'Berlin'" in log, log[-3000:]
+    assert supervisorctl("pid", "server") == pid_before
+    assert stamp.read_text() == stamp_before
