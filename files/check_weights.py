@@ -310,9 +310,8 @@ def main(argv: list | None = None) -> int:
 
     if args.command == "disk":
         code, report, message = disk(model_dir, args.need_gb, args.margin_gb, args.host)
-        print(json.dumps(report))
-        if message:
-            print(message, file=sys.stderr)
+        # On failure the one line is the whole message a person reads in the deploy log.
+        print(message, file=sys.stderr) if message else print(json.dumps(report))
         return code
 
     expect = _expect_pairs(args.expect)
@@ -331,7 +330,6 @@ def main(argv: list | None = None) -> int:
         parser.error("record needs --repo and --revision, or --expect KEY=VALUE")
     report = check(model_dir, args.shards, RECORD, {})
     if not report["complete"]:
-        print(json.dumps(report, sort_keys=True))
         print(
             "%s: the model in %s is not complete: %s; run the deploy again to resume the download"
             % (args.host, model_dir, summary(report)),

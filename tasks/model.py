@@ -124,7 +124,7 @@ def fetch_model():
             commands=[_checker(p, "clean", p.model_dir)],
         )
         server.shell(
-            name=f"Check free disk for {prof['size_gb']} GB of weights in {p.model_dir}",
+            name=f"Check free disk for {prof['size_gb']:g} GB of weights in {p.model_dir}",
             commands=[_checker(p, "disk", p.model_dir, *disk_args)],
         )
         server.shell(
@@ -134,7 +134,7 @@ def fetch_model():
     else:
         cache = posixpath.join(p.route_home, "cache")
         server.shell(
-            name=f"Check free disk for {prof['size_gb']} GB of weights in {p.model_dir}",
+            name=f"Check free disk for {prof['size_gb']:g} GB of weights in {p.model_dir}",
             commands=[_checker(p, "disk", p.model_dir, *disk_args)],
         )
         files.directory(name="Create the download cache", path=cache, present=True)
@@ -175,8 +175,8 @@ def _hf_download(p: RoutePaths, prof: dict) -> str:
             "--local-dir", p.model_dir]
     what = f"{prof['repo']}@{prof['revision']}"
     hint = (
-        f"{host.name}: hf download of {what} into {p.model_dir} failed (see hf's message above); "
-        "check the profile's repo and revision, model_hf_endpoint and model_hf_token_file, "
+        f"{host.name}: hf download of {what} into {p.model_dir} failed (see the hf message above); "
+        "check repo and revision in the profile, model_hf_endpoint and model_hf_token_file, "
         "then run the deploy again: finished shards are kept"
     )
     return (

@@ -11,15 +11,13 @@ leaves behind.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.hubstub import hf_env
+from tests.fixtures.hubstub import hf_env, kill_hf_mid_file
 
 REPO = Path(__file__).resolve().parents[2]
 HF = str(Path(sys.executable).parent / "hf")
@@ -95,27 +93,7 @@ def test_download_killed_mid_shard_keeps_finished_shards_and_next_run_fetches_th
 ):
     stub = hub_stub(sharded_model)
     dest, hf_home = tmp_path / "dest", tmp_path / "hf"
-    stalled = stub.stall(BIG, after_bytes=11 * MiB)
-    env = hf_env(stub, hf_home, HF_HUB_DOWNLOAD_TIMEOUT="60")  # no retry before the kill
-    proc = subprocess.Popen([HF, "download", stub.repo, "--revision", "main", "--local-dir", str(dest)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert stalled.reached.wait(30), "hf never reached the middle of the big shard"
-        metadata = dest / ".cache" / "huggingface" / "download"
-        deadline = time.monotonic() + 30
-        # Kill once every other file is finished and hf wrote its first 10 MiB chunk.
-        while time.monotonic() < deadline:
-            done = all((metadata / f"{n}.metadata").exists() for n in OTHERS)
-            if done and leftovers(dest) and leftovers(dest)[0].stat().st_size >= 10 * MiB:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("hf did not finish the small files before the stall")
-        assert proc.poll() is None
-    finally:
-        proc.kill()
-        proc.wait(10)
-        stub.release()
+    kill_hf_mid_file(HF, stub, dest, hf_home, BIG, after_bytes=11 * MiB, finished=OTHERS)
 
     assert not (dest / BIG).exists()
     killed_leftover = leftovers(dest)
