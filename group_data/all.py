@@ -145,6 +145,12 @@ server_port = 8025
 # Extra flags appended after the profile's server_args, e.g. ["--pipeline"].
 server_extra_args = []
 
+# Native OpenAI compatibility (patch mlx_lm-0002, needs patches_enabled): True
+# passes --serve-any-model, so mlx_lm.server answers requests naming any model
+# with the loaded one (no reload, no 404) and echoes the requested name; a
+# client can then talk to the server without the proxy. False: stock behaviour.
+server_serve_any_model = False
+
 # --------------------------------------------------------------------------
 # proxy_*: the OpenAI-compatible front door (files/proxy.py)
 # --------------------------------------------------------------------------
