@@ -1,0 +1,109 @@
+"""tasks/patches.py: the real pyinfra CLI runs apply_patches() against this
+machine (@local), on a throwaway venv: `python -m venv --without-pip` plus a
+copy of the installed mlx_lm and its dist-info (all mlx_patches.py needs),
+never the shared .venv. The venv is made by an operation of the same run, as
+create_venv() does on a first deploy: at plan time no venv exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.unit.test_patches_script import set_version, snapshot
+
+REPO = Path(__file__).resolve().parents[2]
+VENV = Path(sys.executable).parent.parent
+PYINFRA = str(VENV / "bin" / "pyinfra")
+APPLY_OP = "Apply mlx-lm patches mlx_lm-0001-glm-indexshare.patch, mlx_lm-0002-serve-any-model.patch"
+
+pytestmark = pytest.mark.timeout(300)
+
+DEPLOY = """
+import shlex
+from pyinfra import host
+from pyinfra.operations import server
+from tasks.patches import apply_patches
+
+# Stands in for create_venv() (which would pip-install from PyPI): a venv
+# holding a copy of the installed mlx_lm, stamped with the lock's hash.
+server.shell(
+    name="Make the test venv",
+    commands=[
+        "test -x {venv}/bin/python || ({python} -m venv --without-pip {venv} && "
+        "{python} -c 'from tests.fixtures.tiny_glm import copy_mlx_lm; import pathlib, sysconfig; "
+        "copy_mlx_lm(pathlib.Path(sysconfig.get_path(\\"purelib\\", vars={{\\"base\\": \\"{venv}\\"}})))' && "
+        "echo {lock} > {venv}/.mlx-route-lock)"
+    ],
+)
+apply_patches()
+"""
+
+
+def run(tmp_path: Path):
+    venv = tmp_path / "venv"
+    deploy = tmp_path / "deploy_patches.py"
+    lock = hashlib.sha256((REPO / "requirements" / "host.txt").read_bytes()).hexdigest()
+    deploy.write_text(DEPLOY.format(venv=venv, python=sys.executable, lock=lock))
+    proc = subprocess.run(
+        [PYINFRA, "-y", "--json", "@local", str(deploy),
+         "--data", f"route_home={tmp_path / 'route'}", "--data", f"venv_path={venv}"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)},
+    )
+    changed = []
+    if proc.returncode == 0:
+        for op in json.loads(proc.stdout)["results"]["operations"]:
+            if op["success"]:
+                changed.append(op["name"].split(" | ", 1)[-1])
+    return proc, changed
+
+
+def site_of(tmp_path: Path) -> Path:
+    (site,) = (tmp_path / "venv" / "lib").glob("python3*/site-packages")
+    return site
+
+
+def test_first_deploy_applies_the_series_and_the_second_changes_nothing(tmp_path):
+    proc, changed = run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert any(name.startswith(APPLY_OP) for name in changed), changed
+    assert APPLY_OP in proc.stderr  # the run log names the patches
+    v32 = site_of(tmp_path) / "mlx_lm" / "models" / "deepseek_v32.py"
+    assert "shares_topk" in v32.read_text()
+    record = json.loads((tmp_path / "route" / "state" / "mlx_patches.json").read_text())
+    assert record["mlx_lm_version"] == "0.32.2"
+    assert [p["state"] for p in record["patches"]] == ["applied", "applied"]
+
+    proc, changed = run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    # server.shell always reports a change; the stand-in is not under test.
+    assert [name for name in changed if name != "Make the test venv"] == [], changed
+
+
+def test_deploy_stops_on_a_series_that_does_not_fit_and_leaves_the_venv_as_it_was(tmp_path):
+    assert run(tmp_path)[0].returncode == 0
+    # "pip installed another mlx-lm": a pristine copy whose GLM code moved.
+    site = site_of(tmp_path)
+    from tests.fixtures.tiny_glm import copy_mlx_lm
+    import shutil
+
+    for old in [site / "mlx_lm", *site.glob("mlx_lm-*.dist-info")]:
+        shutil.rmtree(old)
+    copy_mlx_lm(site)
+    set_version(site, "0.33.0")
+    v32 = site / "mlx_lm" / "models" / "deepseek_v32.py"
+    v32.write_text(v32.read_text().replace("        self.indexer = Indexer(config)\n", "        self.indexer = Indexer(config, 0)\n"))
+    before = snapshot(site)
+
+    proc, _ = run(tmp_path)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "mlx_lm-0001-glm-indexshare.patch: hunk #" in out
+    assert "mlx-lm 0.33.0 is not the version this series targets (0.32.2)" in out
+    assert snapshot(site) == before
