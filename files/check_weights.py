@@ -15,9 +15,10 @@ Uploaded by tasks/model.py and run with the venv's python (or any python3 3.8+):
   clean  --dir D
          remove the *.incomplete files an interrupted `hf download` leaves in
          D/.cache/huggingface/download (it never reuses nor removes them).
-  disk   --dir D --need-gb G --margin-gb M --host NAME
+  disk   --dir D --need-gb G --margin-gb M --host NAME [--whole]
          exit 2 with one actionable line when the disk of D lacks room for
-         what is still to be fetched (G minus the shards already there) + M.
+         what is still to be fetched (G minus the shards already there, or
+         all of G with --whole) + M.
 
 What "complete" means: model.safetensors.index.json names every shard
 (mlx-lm's loader globs *.safetensors, so a stray one breaks loading too); each
@@ -247,9 +248,11 @@ def free_bytes(path: str) -> tuple:
     return st.f_bavail * st.f_frsize, probe
 
 
-def disk(model_dir: str, need_gb: float, margin_gb: float, host: str) -> tuple:
+def disk(model_dir: str, need_gb: float, margin_gb: float, host: str, whole: bool = False) -> tuple:
     free, probe = free_bytes(model_dir)
-    present = sum(os.path.getsize(os.path.join(model_dir, n)) for n in top_level_shards(model_dir))
+    present = 0 if whole else sum(
+        os.path.getsize(os.path.join(model_dir, n)) for n in top_level_shards(model_dir)
+    )
     to_fetch = max(0, int(need_gb * GB) - present)
     report = {
         "dir": model_dir,
@@ -300,6 +303,8 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--need-gb", type=float, required=True)
     p.add_argument("--margin-gb", type=float, default=0.0)
     p.add_argument("--host", default=os.uname().nodename)
+    p.add_argument("--whole", action="store_true",
+                   help="the fetch writes a whole new copy beside the old one (a conversion)")
 
     args = parser.parse_args(argv)
     model_dir = os.path.abspath(args.dir)
@@ -309,7 +314,7 @@ def main(argv: list | None = None) -> int:
         return 0
 
     if args.command == "disk":
-        code, report, message = disk(model_dir, args.need_gb, args.margin_gb, args.host)
+        code, report, message = disk(model_dir, args.need_gb, args.margin_gb, args.host, args.whole)
         # On failure the one line is the whole message a person reads in the deploy log.
         print(message, file=sys.stderr) if message else print(json.dumps(report))
         return code

@@ -135,7 +135,8 @@ def fetch_model():
         cache = posixpath.join(p.route_home, "cache")
         server.shell(
             name=f"Check free disk for {prof['size_gb']:g} GB of weights in {p.model_dir}",
-            commands=[_checker(p, "disk", p.model_dir, *disk_args)],
+            # The converter builds a whole new copy beside the old one, then swaps.
+            commands=[_checker(p, "disk", p.model_dir, *disk_args, "--whole")],
         )
         files.directory(name="Create the download cache", path=cache, present=True)
         server.shell(

