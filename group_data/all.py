@@ -188,6 +188,58 @@ service_nofile = 65536
 # Seconds a crashed service waits before it is started again.
 service_restart_delay_s = 5
 
+# launchd only (macOS): the domain the services are loaded into.
+#   "system"  LaunchDaemons in /Library/LaunchDaemons running as route_user
+#             (UserName): they start at boot with nobody logged in, so the
+#             route comes back by itself after an OS update. Needs sudo.
+#   "gui"     LaunchAgents in gui/<uid>: only while route_user is logged in
+#             at the console (the seed's setup).
+#   "user"    LaunchAgents in user/<uid> (LimitLoadToSessionType Background):
+#             usable over SSH, but not started after an unattended reboot.
+service_launchd_domain = "system"
+
+# launchd only: rounds of bootout + retry when `launchctl bootstrap` says
+# "5: Input/output error" (the label is still loaded or draining).
+service_launchd_bootstrap_retries = 5
+
+# launchd only: newsyslog rotates each service log at this size (MB) and
+# keeps this many rotated copies (supervisor uses 50 MB x 5 as well).
+service_log_max_mb = 50
+service_log_keep = 5
+
+# --------------------------------------------------------------------------
+# host_*: host tuning (macOS only; tune_host changes nothing on Linux)
+# --------------------------------------------------------------------------
+
+# Switch the whole host tuning step off (True/False).
+host_tuning_enabled = True
+
+# GPU wired-memory limit (sysctl iogpu.wired_limit_mb, macOS 14+), applied now
+# and re-applied at every boot by a root LaunchDaemon.
+#   None  computed: RAM minus host_wired_headroom_gb
+#   int   that many MB (must be below the RAM)
+#   0     leave macOS's default (about 75% of RAM) alone
+# The deploy refuses a profile whose size_gb x host_wired_model_overhead does
+# not fit under the limit.
+host_wired_limit_mb = None
+
+# Memory (GB) left to macOS when the limit is computed.
+host_wired_headroom_gb = 16
+
+# Memory while serving, relative to the weights on disk (the seed: 368 GB on
+# disk, 395 GB peak, so about 1.07).
+host_wired_model_overhead = 1.1
+
+# pmset settings applied with `pmset -a` (names and values as `pmset -g`
+# shows them): never sleep, restart after a power loss, wake for network.
+# {} leaves power management alone.
+host_pmset = {"sleep": 0, "disksleep": 0, "autorestart": 1, "womp": 1}
+
+# launchd's open-files limit [soft, hard] (`launchctl limit maxfiles`), now and
+# at every boot; None leaves it. The services get service_nofile in their
+# plists either way.
+host_maxfiles = [65536, 524288]
+
 # --------------------------------------------------------------------------
 # verify_*: the testinfra host suite run as the deploy's last step
 # --------------------------------------------------------------------------

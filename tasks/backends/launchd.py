@@ -1,0 +1,144 @@
+"""launchd on macOS: the services as LaunchDaemons (default) or LaunchAgents.
+
+`service_launchd_domain` (group_data/all.py) chooses:
+
+  "system"  /Library/LaunchDaemons, `UserName` = the route user. Loaded at boot
+            with nobody logged in, so the route comes back by itself after an
+            OS update and reboot. Needs root (the SSH user is an admin: sudo).
+  "gui"     ~/Library/LaunchAgents in gui/<uid>: only while that user is
+            logged in at the console (the seed's setup, loaded by hand).
+  "user"    ~/Library/LaunchAgents in user/<uid> with LimitLoadToSessionType
+            Background: works over SSH, but exists only while the user has a
+            session, so it does not start after an unattended reboot.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.operations import files
+
+from tasks import launchd
+from tasks.common import RouteError, paths
+from tasks.services import Service, render, route_services
+
+DOMAINS = ("system", "gui", "user")
+DAEMONS_DIR = "/Library/LaunchDaemons"
+NEWSYSLOG_DIR = "/etc/newsyslog.d"
+
+
+def launchd_domain_kind() -> str:
+    kind = host.data.get("service_launchd_domain") or "system"
+    if kind not in DOMAINS:
+        raise RouteError(
+            f"{host.name}: service_launchd_domain {kind!r} is not one of {', '.join(DOMAINS)}; "
+            "\"system\" (LaunchDaemons, starts at boot) is the one that survives a reboot"
+        )
+    return kind
+
+
+class LaunchdBackend:
+    name = "launchd"
+
+    def __init__(self) -> None:
+        p = paths()
+        self.paths = p
+        self.kind = launchd_domain_kind()
+        if self.kind == "system":
+            self.domain = "system"
+            self.plist_dir = DAEMONS_DIR
+        else:
+            uid = host.get_fact(launchd.UserId, user=p.user)
+            if uid is None:
+                raise RouteError(f"{host.name}: cannot find the uid of user {p.user!r}")
+            self.domain = f"{self.kind}/{uid}"
+            self.plist_dir = posixpath.join(p.home, "Library", "LaunchAgents")
+        # LaunchDaemons and another user's agents are root's business; the
+        # connecting admin gets there with sudo.
+        self.sudo = self.kind == "system" or bool(host.data.get("route_user"))
+        self._reload: dict[str, bool] = {}
+
+    def definition_path(self, svc: Service) -> str:
+        return posixpath.join(self.plist_dir, f"{svc.label}.plist")
+
+    def render(self, svc: Service) -> str:
+        return render(
+            "launchd/service.plist.j2",
+            svc=svc,
+            user_name=self.paths.user if self.kind == "system" else None,
+            session_type="Background" if self.kind == "user" else None,
+        )
+
+    def newsyslog_path(self) -> str:
+        return posixpath.join(NEWSYSLOG_DIR, f"{host.data.service_label_prefix}.conf")
+
+    def render_newsyslog(self) -> str:
+        services = list(route_services().values())
+        return render(
+            "launchd/newsyslog.conf.j2",
+            logs=[path for svc in services for path in (svc.stdout, svc.stderr)],
+            owner=f"{self.paths.user}:{host.get_fact(launchd.PrimaryGroup, user=self.paths.user)}",
+            count=int(host.data.service_log_keep),
+            size_kb=int(host.data.service_log_max_mb) * 1024,
+        )
+
+    def prepare(self) -> None:
+        if self.kind != "system" and not host.get_fact(launchd.LaunchdDomainExists,
+                                                       domain=self.domain):
+            hint = ("log in at the Mac's console (or enable automatic login)"
+                    if self.kind == "gui" else "open an SSH session as that user")
+            raise RouteError(
+                f"{host.name}: launchd domain {self.domain} does not exist now; {hint}, "
+                "or set service_launchd_domain = \"system\" (LaunchDaemons, no login needed)"
+            )
+        if self.kind != "system":
+            files.directory(
+                name="Create ~/Library/LaunchAgents",
+                path=self.plist_dir,
+                present=True,
+                _sudo=self.sudo,
+                _sudo_user=self.paths.user if self.sudo else None,
+            )
+        # newsyslog runs as root from launchd and reads /etc/newsyslog.d/*.conf
+        files.put(
+            name="Rotate the service logs with newsyslog",
+            src=StringIO(self.render_newsyslog()),
+            dest=self.newsyslog_path(),
+            user="root",
+            group="wheel",
+            mode="644",
+            _sudo=True,
+        )
+
+    def install(self, svc: Service, text: str) -> None:
+        owner = {"user": "root", "group": "wheel"} if self.kind == "system" else {}
+        op = files.put(
+            name=f"Write the launchd plist for the {svc.name} ({self.domain})",
+            src=StringIO(text),
+            dest=self.definition_path(svc),
+            mode="644",
+            _sudo=self.sudo,
+            _sudo_user=self.paths.user if self.sudo and self.kind != "system" else None,
+            # launchd refuses a LaunchDaemon that is not root:wheel 644 with the
+            # same "5: Input/output error" as a loaded label
+            **owner,
+        )
+        self._reload[svc.name] = op.will_change
+
+    def restart(self, svc: Service) -> None:
+        launchd.service(
+            name=f"(Re)start the {svc.name} under launchd ({self.domain}/{svc.label})",
+            label=svc.label,
+            plist=self.definition_path(svc),
+            domain=self.domain,
+            reload=self._reload.get(svc.name, True),
+            restart=True,
+            bootstrap_retries=int(host.data.get("service_launchd_bootstrap_retries") or 5),
+            _sudo=self.sudo,
+        )
+
+    def is_running(self, svc: Service) -> bool:
+        status = host.get_fact(launchd.LaunchdPrint, target=f"{self.domain}/{svc.label}")
+        return bool(status) and status.get("state") == "running"
