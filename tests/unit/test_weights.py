@@ -210,8 +210,8 @@ def test_checker_runs_with_the_system_python3(model):
 
 def test_plan_time_fact_runs_the_checker_inline_and_tolerates_no_venv(model, tmp_path):
     fact = WeightsCheck()
-    command = fact.command(python=str(tmp_path / "no-venv" / "bin" / "python"), model_dir=str(model),
-                           shards=4, expect=("repo=org/m", "revision=v1"))
+    command = fact.command(python=str(tmp_path / "no-venv" / "bin" / "python"),
+                           model_dir=str(model), shards=4, expect=("repo=org/m", "revision=v1"))
     out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0
     report = fact.process(out.stdout.splitlines())
@@ -223,6 +223,7 @@ def test_plan_time_fact_without_any_python_plans_the_fetch(model):
     fact = WeightsCheck()
     command = fact.command(python="/nonexistent/python", model_dir=str(model), shards=4, expect=())
     env = {"PATH": "/nonexistent"}  # no python3 either: a fresh Mac without developer tools
-    out = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, env=env, timeout=30)
+    out = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, env=env,
+                         timeout=30)
     assert out.returncode == 0
     assert fact.process(out.stdout.splitlines()) is None
