@@ -81,7 +81,7 @@ class PrimaryGroup(FactBase):
         return output[0].strip() if output else None
 
 
-def bootstrap_command(domain: str, label: str, plist: str, retries: int) -> str:
+def bootstrap_command(domain: str, label: str, plist: str, retries: int, who: str) -> str:
     """`launchctl bootstrap`, retried after a `bootout` while the label drains.
 
     `Bootstrap failed: 5: Input/output error` (and 37, "Operation already in
@@ -93,7 +93,7 @@ def bootstrap_command(domain: str, label: str, plist: str, retries: int) -> str:
     q = shlex.quote
     target = f"{domain}/{label}"
     giveup = (
-        f"{host.name}: launchctl bootstrap {domain} {plist} still fails after {retries} "
+        f"{who}: launchctl bootstrap {domain} {plist} still fails after {retries} "
         f"bootout+retry rounds. Check: plutil -lint {plist}; the plist is owned by "
         f"root:wheel mode 644 (LaunchDaemons); launchctl print {target}; "
         f"log show --last 5m --predicate 'process == \"launchd\"'"
@@ -150,12 +150,12 @@ def service(
     if status is None:
         yield lint
         yield f"launchctl enable {q(target)}"
-        yield bootstrap_command(domain, label, plist, bootstrap_retries)
+        yield bootstrap_command(domain, label, plist, bootstrap_retries, host.name)
         return
     if reload:
         yield lint
         yield f"launchctl bootout {q(target)} >/dev/null 2>&1 || true"
-        yield bootstrap_command(domain, label, plist, bootstrap_retries)
+        yield bootstrap_command(domain, label, plist, bootstrap_retries, host.name)
         return
     if restart:
         yield f"launchctl kickstart -k {q(target)}"
