@@ -42,7 +42,7 @@ import sys
 import time
 from collections import deque
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, web
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
@@ -253,7 +253,7 @@ class Proxy:
 
     async def start(self, app: web.Application) -> None:
         self.session = ClientSession(
-            connector=TCPConnector(limit=0, force_close=True),
+            connector=TCPConnector(limit=0), cookie_jar=DummyCookieJar(),
             timeout=ClientTimeout(total=None, sock_connect=self.args.connect_timeout_s),
             auto_decompress=False)
         self.mark_down("not probed yet")
@@ -491,6 +491,11 @@ class Proxy:
     def rename_event(self, event: bytes, name: str) -> bytes:
         if event.startswith(b"data: {"):
             self.last_ok = self.now()
+            # Fast path, byte-exact: mlx_lm.server echoes "default_model" when
+            # the request names no model (we strip it), as json.dumps writes it.
+            if event.count(b'"model": "default_model"') == 1:
+                renamed = b'"model": ' + json.dumps(name).encode()
+                return event.replace(b'"model": "default_model"', renamed) + b"\n\n"
             try:
                 chunk = json.loads(event[6:])
             except ValueError:
@@ -767,7 +772,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     key = read_key(args.api_key_file) if args.api_key_file else None
-    return asyncio.run(serve(args, key))
+    try:  # optional: a faster event loop, about a third less CPU per request
+        import uvloop
+        return uvloop.run(serve(args, key))
+    except ImportError:
+        return asyncio.run(serve(args, key))
 
 
 if __name__ == "__main__":

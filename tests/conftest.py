@@ -2,6 +2,8 @@
 
 pytest_plugins = [
     "tests.fixtures.artifacts",
+    "tests.fixtures.proxy",
+    "tests.fixtures.upstream_stub",
     "tests.fixtures.hubstub",
     "tests.fixtures.tiny_glm",
 ]

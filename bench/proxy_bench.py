@@ -1,0 +1,329 @@
+#!/usr/bin/env python3
+"""Direct vs through files/proxy.py: what the proxy costs and what it saves.
+
+    python bench/proxy_bench.py                       # against the stand-in upstream
+    python bench/proxy_bench.py --mlx-model DIR       # against a real mlx_lm.server
+
+Measures (issue "the proxy", item 10):
+  added latency   p50/p99 of sequential 1-token requests, proxy minus direct
+  throughput      requests/s with --clients concurrent clients, direct and proxy
+  first byte      time to the first streamed byte, direct and proxy
+  stop after leave  how long the upstream keeps generating after a client
+                  leaves: a streaming client, and a non-streaming client that
+                  times out (the seed's wedge: direct, it runs to max_tokens)
+
+Every loop is bounded in count and in time; everything talks to 127.0.0.1.
+Writes a JSON file (--out) and prints a table. Numbers go in README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"bench: {proc.args[:3]} exited {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench: nothing listens on {port} after {timeout} s")
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Bench:
+    def __init__(self, args, direct: str, proxy: str, stub: bool, server_pid: int | None):
+        self.args, self.direct, self.proxy, self.stub = args, direct, proxy, stub
+        self.server_pid = server_pid
+
+    def body(self, stream=False, tokens=1, **stub):
+        body = {"messages": PROMPT, "max_tokens": tokens, "stream": stream,
+                "temperature": 0}
+        if self.stub:
+            body["stub"] = {"tokens": tokens, **stub}
+        return body
+
+    async def one(self, session, base, body) -> float:
+        t0 = time.perf_counter()
+        async with session.post(base + "/v1/chat/completions", json=body) as r:
+            await r.read()
+            assert r.status == 200, (r.status, base)
+        return time.perf_counter() - t0
+
+    async def latency(self, session, base, n) -> list[float]:
+        body = self.body()
+        for _ in range(min(20, n)):  # warm up
+            await self.one(session, base, body)
+        out, end = [], time.monotonic() + self.args.phase_s
+        while len(out) < n and time.monotonic() < end:
+            out.append(await self.one(session, base, body))
+        return out
+
+    async def throughput(self, session, base, clients) -> dict:
+        body = self.body()
+        done, errors = 0, 0
+        end = time.monotonic() + self.args.phase_s
+        limit = self.args.max_requests
+
+        async def client():
+            nonlocal done, errors
+            while time.monotonic() < end and done + errors < limit:
+                try:
+                    await self.one(session, base, body)
+                    done += 1
+                except (AssertionError, aiohttp.ClientError):
+                    errors += 1
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        elapsed = time.perf_counter() - t0
+        return {"requests": done, "errors": errors, "seconds": round(elapsed, 3),
+                "rps": round(done / elapsed, 1)}
+
+    async def first_byte(self, session, base, n) -> list[float]:
+        body = self.body(stream=True, tokens=self.args.stream_tokens,
+                         delay_s=self.args.stream_delay_s)
+        out = []
+        end = time.monotonic() + self.args.phase_s * 4
+        for _ in range(n):
+            if time.monotonic() > end:
+                break
+            t0 = time.perf_counter()
+            async with session.post(base + "/v1/chat/completions", json=body) as r:
+                async for chunk in r.content.iter_any():
+                    if b"data: {" in chunk:
+                        out.append(time.perf_counter() - t0)
+                        break
+                r.close()  # leave: the rest is not measured here
+            await asyncio.sleep(0.05)
+        return out
+
+    async def run_after_leave(self, base, stream: bool) -> float | None:
+        """Seconds the upstream kept generating after the client left."""
+        tokens = self.args.leave_tokens
+        body = self.body(stream=stream, tokens=tokens, delay_s=0.01)
+        before = time.monotonic()
+        timeout = aiohttp.ClientTimeout(total=None if stream else self.args.leave_after_s)
+        left = None
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+            try:
+                async with s.post(base + "/v1/chat/completions", json=body) as r:
+                    seen = 0
+                    async for chunk in r.content.iter_any():
+                        seen += chunk.count(b"data: {")
+                        if seen >= 3:
+                            break
+                    left = time.monotonic()
+                    r.close()
+            except asyncio.TimeoutError:
+                left = time.monotonic()
+        if self.stub:
+            return await self.stub_stop_time(before, left)
+        return await self.cpu_stop_time(left)
+
+    async def stub_stop_time(self, before, left) -> float | None:
+        end = time.monotonic() + 15
+        async with aiohttp.ClientSession() as s:
+            while time.monotonic() < end:
+                async with s.get(self.direct + "/_stub/generations") as r:
+                    gens = [g for g in await r.json() if g["started"] >= before]
+                if gens and gens[-1]["finished"] is not None:
+                    return gens[-1]["finished"] - left
+                await asyncio.sleep(0.01)
+        return None
+
+    async def cpu_stop_time(self, left) -> float | None:
+        """The real server: when its CPU use falls to idle after the client left."""
+        tick, idle_needed = 0.02, 10
+        last_busy, idle_run = left, 0
+        prev = cpu_seconds(self.server_pid)
+        end = left + 60
+        while time.monotonic() < end and idle_run < idle_needed:
+            await asyncio.sleep(tick)
+            now_cpu = cpu_seconds(self.server_pid)
+            if now_cpu - prev > tick * 0.3:  # above ~30% of a core: still generating
+                last_busy, idle_run = time.monotonic(), 0
+            else:
+                idle_run += 1
+            prev = now_cpu
+        return last_busy - left
+
+    async def run(self) -> dict:
+        a = self.args
+        res = {"upstream": "stand-in" if self.stub else "mlx_lm.server", "clients": a.clients,
+               "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores",
+               "python": platform.python_version()}
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=conn) as s:
+            lat_d = await self.latency(s, self.direct, a.latency_n)
+            lat_p = await self.latency(s, self.proxy, a.latency_n)
+            res["latency_ms"] = {
+                "direct_p50": 1e3 * pct(lat_d, .5), "direct_p99": 1e3 * pct(lat_d, .99),
+                "proxy_p50": 1e3 * pct(lat_p, .5), "proxy_p99": 1e3 * pct(lat_p, .99),
+                "added_p50": 1e3 * (pct(lat_p, .5) - pct(lat_d, .5)),
+                "added_p99": 1e3 * (pct(lat_p, .99) - pct(lat_d, .99)),
+                "n": [len(lat_d), len(lat_p)]}
+            td = await self.throughput(s, self.direct, a.clients)
+            tp = await self.throughput(s, self.proxy, a.clients)
+            res["throughput"] = {"direct": td, "proxy": tp,
+                                 "ratio": round(tp["rps"] / td["rps"], 3) if td["rps"] else None}
+            fd = await self.first_byte(s, self.direct, a.first_byte_n)
+            fp = await self.first_byte(s, self.proxy, a.first_byte_n)
+            res["first_byte_ms"] = {"direct_p50": 1e3 * statistics.median(fd),
+                                    "proxy_p50": 1e3 * statistics.median(fp),
+                                    "added_p50": 1e3 * (statistics.median(fp)
+                                                        - statistics.median(fd)),
+                                    "n": [len(fd), len(fp)]}
+        res["generating_after_leave_s"] = {
+            "stream_direct": await self.run_after_leave(self.direct, True),
+            "stream_proxy": await self.run_after_leave(self.proxy, True),
+            "nonstream_timeout_direct": await self.run_after_leave(self.direct, False),
+            "nonstream_timeout_proxy": await self.run_after_leave(self.proxy, False)}
+        return round_all(res)
+
+
+def round_all(x):
+    if isinstance(x, float):
+        return round(x, 3)
+    if isinstance(x, dict):
+        return {k: round_all(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [round_all(v) for v in x]
+    return x
+
+
+def table(res: dict) -> str:
+    lat, thr, fb, lv = (res["latency_ms"], res["throughput"], res["first_byte_ms"],
+                        res["generating_after_leave_s"])
+    rows = [
+        ("latency p50 (ms)", lat["direct_p50"], lat["proxy_p50"], lat["added_p50"]),
+        ("latency p99 (ms)", lat["direct_p99"], lat["proxy_p99"], lat["added_p99"]),
+        (f"requests/s, {res['clients']} clients", thr["direct"]["rps"], thr["proxy"]["rps"],
+         f"x{thr['ratio']}"),
+        ("first streamed byte p50 (ms)", fb["direct_p50"], fb["proxy_p50"], fb["added_p50"]),
+        ("generating after a streaming client left (s)", lv["stream_direct"],
+         lv["stream_proxy"], ""),
+        ("generating after a non-streaming client timed out (s)",
+         lv["nonstream_timeout_direct"], lv["nonstream_timeout_proxy"], ""),
+    ]
+    out = [f"upstream: {res['upstream']} ({res['machine']}, Python {res['python']})",
+           f"| {'measure':<54} | {'direct':>9} | {'proxy':>9} | {'added':>8} |",
+           f"|{'-' * 56}|{'-' * 11}|{'-' * 11}|{'-' * 10}|"]
+    for name, d, p, diff in rows:
+        out.append(f"| {name:<54} | {d!s:>9} | {p!s:>9} | {diff!s:>8} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mlx-model", help="model dir: start a real mlx_lm.server on it "
+                    "(default: the stand-in upstream)")
+    ap.add_argument("--out", default=None, help="JSON result file "
+                    "(default bench/results/proxy_<upstream>.json)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--latency-n", type=int, default=2000)
+    ap.add_argument("--first-byte-n", type=int, default=40)
+    ap.add_argument("--phase-s", type=float, default=5.0, help="time bound of each phase")
+    ap.add_argument("--max-requests", type=int, default=50000)
+    ap.add_argument("--stream-tokens", type=int, default=20)
+    ap.add_argument("--stream-delay-s", type=float, default=0.02)
+    ap.add_argument("--leave-tokens", type=int, default=200,
+                    help="max_tokens of the leave test (the real server: keep under its "
+                         "--max-tokens)")
+    ap.add_argument("--leave-after-s", type=float, default=0.5,
+                    help="the non-streaming client's own timeout")
+    a = ap.parse_args()
+    py = sys.executable
+    procs, logs = [], []
+    up_port, proxy_port = free_port(), free_port()
+    stub = a.mlx_model is None
+    try:
+        if stub:
+            cmd = [py, "-m", "tests.fixtures.upstream_stub", str(up_port)]
+        else:
+            cmd = [py, "-m", "mlx_lm.server", "--model", a.mlx_model, "--host", "127.0.0.1",
+                   "--port", str(up_port), "--max-tokens", str(max(256, a.leave_tokens)),
+                   "--temp", "0.0"]
+            a.latency_n, a.max_requests = min(a.latency_n, 60), min(a.max_requests, 400)
+        log = open(REPO / "bench" / f".upstream_{up_port}.log", "wb")
+        logs.append(log)
+        up = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        procs.append(up)
+        wait_port(up_port, up, 120)
+        proxy = subprocess.Popen(
+            [py, str(REPO / "files" / "proxy.py"), "--port", str(proxy_port), "--upstream",
+             f"http://127.0.0.1:{up_port}", "--concurrency", str(a.clients), "--queue",
+             str(4 * a.clients), "--log-level", "WARNING"], cwd=REPO)
+        procs.append(proxy)
+        wait_port(proxy_port, proxy, 20)
+        ready_by = time.monotonic() + 180
+        while time.monotonic() < ready_by:  # the proxy's /health does a real generation
+            try:
+                with socket.create_connection(("127.0.0.1", proxy_port), 1) as c:
+                    c.settimeout(60)
+                    c.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+                    if c.recv(100).split(b" ")[1:2] == [b"200"]:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise SystemExit("bench: the proxy's /health never said 200")
+        res = asyncio.run(Bench(a, f"http://127.0.0.1:{up_port}",
+                                f"http://127.0.0.1:{proxy_port}", stub, up.pid).run())
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for log in logs:
+            os.unlink(log.name)
+            log.close()
+    out = Path(a.out or REPO / "bench" / "results" /
+               f"proxy_{'stub' if stub else 'mlx'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(table(res))
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
