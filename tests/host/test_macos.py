@@ -1,0 +1,90 @@
+"""A Mac stays fit to serve: GPU memory limit, no sleep, valid launchd plists.
+
+Run by the deploy's last step like the rest of tests/host; only Macs have
+these promises (tune_host changes nothing on Linux), so on other hosts the
+tests are skipped with that reason. Only host.run, host.file and host.sysctl
+are used: testinfra's socket/service/process modules do not work on macOS.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def mac(host):
+    if host.system_info.type != "darwin":
+        pytest.skip("macOS host tuning and launchd: this host is not a Mac")
+    return host
+
+
+def plist_json(host, path: str) -> dict:
+    out = host.run(f"plutil -convert json -o - {shlex.quote(path)}")
+    assert out.rc == 0, f"plutil cannot read {path}: {out.stderr}"
+    return json.loads(out.stdout)
+
+
+def job_plist(host, route, name: str) -> str:
+    """The plist launchd loaded the job from (`path = ...` of launchctl print)."""
+    target = f"{route['launchd_domain']}/{route['services'][name]}"
+    out = host.run(f"launchctl print {shlex.quote(target)}")
+    assert out.rc == 0, f"{target} is not loaded: {out.stderr}"
+    match = re.search(r"^\tpath = (.+)$", out.stdout, re.M)
+    assert match, f"launchctl print {target} names no plist"
+    return match.group(1).strip()
+
+
+def boot_plist(route) -> str:
+    prefix = route["services"]["server"].rsplit(".", 1)[0]
+    return f"/Library/LaunchDaemons/{prefix}.host-tuning.plist"
+
+
+def test_gpu_wired_limit_is_applied_now_and_reapplied_at_boot(mac, route):
+    path = boot_plist(route)
+    if not mac.file(path).exists:
+        pytest.skip(f"{path} is absent: host_wired_limit_mb = 0 or host tuning is off")
+    boot = plist_json(mac, path)
+    assert boot["RunAtLoad"] is True
+    match = re.search(r"iogpu\.wired_limit_mb=(\d+)", boot["ProgramArguments"][-1])
+    assert match, f"{path} does not set iogpu.wired_limit_mb: {boot['ProgramArguments']}"
+    assert mac.sysctl("iogpu.wired_limit_mb") == int(match.group(1))
+    memsize_mb = mac.sysctl("hw.memsize") // 2**20
+    assert 0 < int(match.group(1)) < memsize_mb
+
+
+def test_mac_never_sleeps_and_restarts_after_a_power_loss(mac):
+    out = mac.run("pmset -g")
+    assert out.rc == 0, out.stderr
+    settings = dict(re.findall(r"^\s+(\w+)\s+(\S+)", out.stdout, re.M))
+    assert settings.get("sleep") == "0", f"the Mac may sleep: {out.stdout}"
+    assert settings.get("autorestart") == "1", f"no restart after a power loss: {out.stdout}"
+
+
+@pytest.mark.parametrize("name", ["server", "proxy"])
+def test_service_plist_is_valid_and_owned_as_launchd_requires(mac, route, name):
+    path = job_plist(mac, route, name)
+    lint = mac.run(f"plutil -lint {shlex.quote(path)}")
+    assert lint.rc == 0, lint.stdout + lint.stderr
+    plist = plist_json(mac, path)
+    assert plist["Label"] == route["services"][name]
+    assert plist["RunAtLoad"] is True and plist["KeepAlive"] is True
+    # launchd's default soft limit of 256 open files killed the seed's benchmark run
+    assert plist["SoftResourceLimits"]["NumberOfFiles"] >= 8192
+    if route["launchd_domain"] == "system":
+        f = mac.file(path)
+        assert (f.user, f.group, f.mode) == ("root", "wheel", 0o644)
+        assert plist.get("UserName"), "a LaunchDaemon without UserName runs the model as root"
+
+
+def test_service_logs_are_rotated_by_newsyslog(mac, route):
+    prefix = route["services"]["server"].rsplit(".", 1)[0]
+    conf = mac.file(f"/etc/newsyslog.d/{prefix}.conf")
+    assert conf.exists, f"{conf.path} is missing"
+    for name in ("server", "proxy"):
+        plist = plist_json(mac, job_plist(mac, route, name))
+        assert plist["StandardOutPath"] in conf.content_string
+        assert plist["StandardErrorPath"] in conf.content_string
