@@ -170,6 +170,31 @@ proxy_api_key = False
 # Set True for one run to replace the key with a new one.
 proxy_rotate_key = False
 
+# Limits (files/proxy.py flags in brackets; None keeps the proxy's default).
+# Largest request body in bytes; a 200k-token transcript is about 1 MB [--max-body-bytes].
+proxy_max_body_bytes = 4194304
+# Generations forwarded to mlx_lm.server at once [--concurrency], and how many
+# may wait for a slot before clients get 429 with Retry-After [--queue].
+proxy_concurrency = 4
+proxy_queue = 32
+# Deadline of one generation, queueing included; the upstream generation is
+# stopped when it passes. Long agent prompts prefill slowly (the seed: ~114
+# tok/s, 29 min for 200k tokens) [--request-timeout-s].
+proxy_request_timeout_s = 1800
+# Seconds a client has to send its headers / its body [--header-timeout-s,
+# --body-timeout-s]: slow or stuck clients are cut off, never block others.
+proxy_header_timeout_s = 10
+proxy_body_timeout_s = 30
+# Seconds the readiness probe (a 1-token generation) may take; a cold GLM-5.2
+# took 43 s for its first answer [--probe-timeout-s].
+proxy_probe_timeout_s = 120
+# Retry-After hint of 503 (upstream not ready) and 429 (queue full), in
+# milliseconds (sent as retry-after-ms, which the openai SDK honours, and
+# rounded up to seconds in Retry-After) [--retry-after-ms].
+proxy_retry_after_ms = 1000
+# DEBUG, INFO, WARNING or ERROR [--log-level].
+proxy_log_level = "INFO"
+
 # --------------------------------------------------------------------------
 # service_*: how the server and the proxy are kept alive
 # --------------------------------------------------------------------------

@@ -1,0 +1,39 @@
+"""The proxy's command line, built from host data (files/proxy.py --help).
+
+Kept apart from the task modules so it is a plain function: the service
+description calls it, and tests check it against the proxy's own parser.
+"""
+
+from __future__ import annotations
+
+# data key -> flag of files/proxy.py; a key set to None leaves the proxy's default.
+LIMIT_FLAGS = {
+    "proxy_max_body_bytes": "--max-body-bytes",
+    "proxy_concurrency": "--concurrency",
+    "proxy_queue": "--queue",
+    "proxy_request_timeout_s": "--request-timeout-s",
+    "proxy_header_timeout_s": "--header-timeout-s",
+    "proxy_body_timeout_s": "--body-timeout-s",
+    "proxy_probe_timeout_s": "--probe-timeout-s",
+    "proxy_retry_after_ms": "--retry-after-ms",
+    "proxy_log_level": "--log-level",
+}
+
+
+def proxy_argv(python: str, script: str, key_file: str | None, data,
+               public_name: str | None = None) -> list[str]:
+    """argv of the proxy service; `data` is a pyinfra host.data (or any .get())."""
+    name = public_name or data.get("proxy_public_name")
+    argv = [python, script,
+            "--host", str(data.get("proxy_host")),
+            "--port", str(data.get("proxy_port")),
+            "--upstream", f"http://{data.get('server_host')}:{data.get('server_port')}"]
+    if name:
+        argv += ["--public-name", str(name)]
+    if key_file:
+        argv += ["--api-key-file", key_file]
+    for key, flag in LIMIT_FLAGS.items():
+        value = data.get(key)
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv

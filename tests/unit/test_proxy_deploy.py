@@ -1,0 +1,97 @@
+"""The deploy's side of the proxy: its argv from data, and its API key.
+
+The key test runs the real task through the pyinfra CLI against @local (this
+machine) with route_home in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import runpy
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.proxy_args import LIMIT_FLAGS, proxy_argv
+
+REPO = Path(__file__).resolve().parents[2]
+PYINFRA = Path(sys.executable).with_name("pyinfra")
+
+
+def load_proxy_module():
+    spec = importlib.util.spec_from_file_location("proxy_under_test", REPO / "files/proxy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def group_data() -> dict:
+    return {k: v for k, v in runpy.run_path(str(REPO / "group_data/all.py")).items()
+            if not k.startswith("__")}
+
+
+def test_proxy_argv_from_default_data_is_accepted_by_the_proxy(tmp_path):
+    proxy = load_proxy_module()
+    data = dict(group_data(), proxy_host="0.0.0.0")
+    key = tmp_path / "proxy.key"
+    key.write_text("x" * 43)
+    key.chmod(0o600)
+    argv = proxy_argv("/venv/bin/python", "/route/bin/proxy.py", str(key), data, "glm-5.2")
+    assert argv[:2] == ["/venv/bin/python", "/route/bin/proxy.py"]
+    args = proxy.parse_args(argv[2:])
+    assert proxy.validate(args) is None
+    assert (args.host, args.port, args.upstream, args.public_name, args.api_key_file) == (
+        "0.0.0.0", data["proxy_port"], f"http://{data['server_host']}:{data['server_port']}",
+        "glm-5.2", str(key))
+    for data_key, flag in LIMIT_FLAGS.items():
+        assert data_key in data, f"{data_key} is missing from group_data/all.py"
+        parsed = getattr(args, flag[2:].replace("-", "_"))
+        assert parsed == type(parsed)(data[data_key]), (data_key, flag)
+
+
+def test_proxy_argv_without_key_on_lan_is_refused_by_the_proxy():
+    proxy = load_proxy_module()
+    data = dict(group_data(), proxy_host="0.0.0.0")
+    args = proxy.parse_args(proxy_argv("py", "proxy.py", None, data)[2:])
+    assert "without --api-key-file" in proxy.validate(args)
+
+
+def run_key_deploy(tmp_path: Path, *data: str) -> subprocess.CompletedProcess:
+    deploy = tmp_path / "deploy_key.py"
+    deploy.write_text("from tasks.proxy_key import ensure_proxy_key\nensure_proxy_key()\n")
+    cmd = [str(PYINFRA), "-y", "-vv", "@local", str(deploy),
+           "--data", "proxy_api_key=True", "--data", f"route_home={tmp_path / 'home'}",
+           "--data", f"venv_path={Path(sys.executable).parent.parent}", *data]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.timeout(300)
+def test_proxy_key_is_made_on_host_private_never_printed_and_rotates(tmp_path):
+    key_file = tmp_path / "home" / "proxy.key"
+    first = run_key_deploy(tmp_path)
+    key = key_file.read_text().strip()
+    assert len(key) >= 40
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert key not in first.stdout + first.stderr
+    assert "Generate the proxy API key" in first.stderr
+
+    again = run_key_deploy(tmp_path)  # unchanged: same key, no operation
+    assert key_file.read_text().strip() == key
+    assert "Generate the proxy API key" not in again.stderr
+
+    os.chmod(key_file, 0o644)  # someone loosened it: put it back
+    run_key_deploy(tmp_path)
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+
+    rotated = run_key_deploy(tmp_path, "--data", "proxy_rotate_key=True")
+    new_key = key_file.read_text().strip()
+    assert new_key != key and len(new_key) >= 40
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert new_key not in rotated.stdout + rotated.stderr
+    assert not list(key_file.parent.glob("*.new"))
