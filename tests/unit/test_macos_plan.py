@@ -233,3 +233,24 @@ def test_documented_ci_dry_run_command_runs_the_plain_pyinfra_cli(workdir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f">>> launchctl enable system/{SERVER}" in proc.stderr
     assert f">>> sysctl -w iogpu.wired_limit_mb={WIRED_MB}" in proc.stderr
+
+
+def test_root_work_runs_with_sudo_and_the_users_own_work_without(fresh):
+    for pattern in (r"^launchctl enable system/", r"launchctl bootstrap system ",
+                    r"^sysctl -w ", r"^pmset -a ", r"^launchctl limit maxfiles \d",
+                    rf"^chown root:wheel {DAEMONS}/", r"^plutil -lint "):
+        commands = fresh.matching(pattern)
+        assert commands, pattern
+        for command in commands:
+            assert command in fresh.sudo, f"not run with sudo: {command}"
+    # the venv, the weights and the smoke test belong to the route user
+    for pattern in (r"-m venv ", r"hf download ", r"routectl\.py smoke "):
+        commands = fresh.matching(pattern)
+        assert commands and not set(commands) & fresh.sudo, pattern
+
+
+def test_launchagents_run_without_sudo(workdir):
+    plan = run_plan(workdir, None, "service_launchd_domain=user")
+    assert plan.code == 0, plan.output[-4000:]
+    assert plan.matching(r"launchctl (enable|bootstrap) user/501")
+    assert not {c for c in plan.sudo if re.search(r"launchctl (enable|bootstrap) user/", c)}
