@@ -126,7 +126,9 @@ def maxfiles() -> tuple[int, int] | None:
         return None
     soft, hard = (int(v) for v in wanted)
     if soft > hard:
-        raise RouteError(f"{host.name}: host_maxfiles {wanted}: the soft limit is above the hard one")
+        raise RouteError(
+            f"{host.name}: host_maxfiles {wanted}: the soft limit is above the hard one"
+        )
     return soft, hard
 
 

@@ -51,7 +51,8 @@ def launchctl(tmp_path):
                  "COUNT": str(tmp_path / "count"), "FAILS": str(fails), "FAILURE": failure,
                  **env},
         )
-        calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+        log = tmp_path / "calls"
+        calls = log.read_text().splitlines() if log.exists() else []
         return proc, calls
 
     return run

@@ -72,7 +72,8 @@ def test_fresh_mac_bootstraps_both_services_into_the_system_domain_in_order(fres
         enable = index(c, rf"^launchctl enable system/{re.escape(label)}$")
         bootstrap = index(c, rf"launchctl bootstrap system {re.escape(plist)} ")
         assert lint < enable < bootstrap
-    assert index(c, r"routectl\.py smoke ") < index(c, rf"launchctl bootstrap system {SERVER_PLIST}")
+    server_bootstrap = index(c, rf"launchctl bootstrap system {SERVER_PLIST}")
+    assert index(c, r"routectl\.py smoke ") < server_bootstrap
     assert (index(c, rf"launchctl bootstrap system {SERVER_PLIST}")
             < index(c, r"routectl\.py wait --kind server")
             < index(c, rf"launchctl bootstrap system {PROXY_PLIST}")
