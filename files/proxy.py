@@ -37,7 +37,9 @@ import logging
 import math
 import os
 import signal
+import socket
 import stat
+import struct
 import sys
 import time
 from collections import deque
@@ -390,13 +392,16 @@ class Proxy:
         if not self.ready:
             return self.unavailable(self.last_problem)
 
-        try:
-            await self.gate.acquire()
-        except QueueFull:
-            return error(429, f"{self.gate.limit} generations running and {self.gate.queue} "
-                         f"waiting; retry later", "rate_limit_error", self.retry_headers())
+        acquired = False
         try:
             async with deadline(max(0.0, started + self.args.request_timeout_s - self.now())):
+                try:
+                    await self.gate.acquire()
+                except QueueFull:
+                    return error(429, f"{self.gate.limit} generations running and "
+                                 f"{self.gate.queue} waiting; retry later", "rate_limit_error",
+                                 self.retry_headers())
+                acquired = True
                 if stream:
                     return await self.forward_stream(request, path, body, name)
                 if body.get("logprobs") or (body.get("top_logprobs") or -1) > 0:
@@ -429,7 +434,8 @@ class Proxy:
             return error(502, f"upstream broke off the answer: {e or type(e).__name__}",
                          "upstream_error")
         finally:
-            self.gate.release()
+            if acquired:
+                self.gate.release()
 
     def too_large(self) -> web.Response:
         return error(413, f"request body over --max-body-bytes {self.args.max_body_bytes}",
@@ -485,6 +491,9 @@ class Proxy:
                 await out.write(self.rename_event(buf, name))
             await out.write_eof()
             return out
+        except BaseException:
+            reset(resp)
+            raise
         finally:
             resp.close()
 
@@ -511,6 +520,9 @@ class Proxy:
             return self.passthrough_error(path, resp, raw)
         try:
             raw = await resp.read()
+        except BaseException:
+            reset(resp)
+            raise
         finally:
             resp.close()
         self.mark_ok()
@@ -538,6 +550,9 @@ class Proxy:
                 elif line.startswith(b"data: [DONE]"):
                     done = True
                     break
+        except BaseException:
+            reset(resp)
+            raise
         finally:
             resp.close()
         if not done:
@@ -702,6 +717,23 @@ async def sse_error(out: web.StreamResponse, message: str, kind: str) -> None:
         await out.write_eof()
     except (ConnectionResetError, OSError):
         pass
+
+
+def reset(resp) -> None:
+    """Close the upstream connection with a TCP reset rather than a FIN.
+
+    After a FIN the server's next write still succeeds (the reset only comes
+    back as its answer), so mlx_lm.server would generate one more token before
+    a write fails; after a reset its very next write fails.
+    """
+    conn = resp.connection
+    transport = conn.transport if conn is not None else None
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
 
 
 def is_loopback(host: str) -> bool:

@@ -391,3 +391,67 @@ def test_proxy_queues_a_burst_and_answers_429_when_queue_is_full(upstream_stub, 
                 s.__exit__(None, None, None)
             assert [f.result().status_code for f in queued] == [200, 200]
     del opened
+
+
+def test_proxy_resets_upstream_so_the_servers_next_write_fails(proxy_factory):
+    """After a FIN the server's next write still succeeds and it generates one more
+    token; after the proxy's reset its very next write fails. A raw socket
+    upstream shows which write fails (aiohttp hides that)."""
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    event = b'data: {"model": "default_model", "choices": [{"index": 0, "delta": {}}]}\n\n'
+    outcomes = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            request = conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Connection: close\r\n\r\n" + event)
+            if b'"max_tokens": 1' in request:  # the proxy's readiness probe
+                conn.sendall(b"data: [DONE]\n\n")
+            else:
+                time.sleep(0.5)  # the client leaves meanwhile
+                writes = []
+                for _ in range(2):
+                    try:
+                        conn.send(event)
+                        writes.append("ok")
+                    except OSError as e:
+                        writes.append(type(e).__name__)
+                outcomes.append(writes)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    p = proxy_factory(f"http://127.0.0.1:{srv.getsockname()[1]}")
+    wait_healthy(p.url)
+    with httpx.stream("POST", p.url + "/v1/chat/completions",
+                      json={"messages": CHAT, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break
+    end = time.monotonic() + 5
+    while not outcomes and time.monotonic() < end:
+        time.sleep(0.05)
+    srv.close()
+    assert outcomes and outcomes[0][0] != "ok", outcomes
+
+
+def test_proxy_deadline_covers_time_in_the_queue(upstream_stub, proxy_factory):
+    p = proxy_factory(upstream_stub.url, "--concurrency", "1", "--request-timeout-s", "1")
+    wait_healthy(p.url)
+    slow = {"messages": CHAT, "stream": True, "stub": {"tokens": 300, "delay_s": 0.01}}
+    with httpx.stream("POST", p.url + "/v1/chat/completions", json=slow, timeout=10):
+        time.sleep(0.5)  # the slot is taken until the first request's deadline, at 1 s
+        t0 = time.monotonic()
+        # Queued 0.5 s, then 1 s of work: only a deadline that counts the queue ends it at 1 s.
+        r = httpx.post(p.url + "/v1/chat/completions", timeout=10,
+                       json={"messages": CHAT, "stub": {"tokens": 1, "delay_s": 1.0}})
+        elapsed = time.monotonic() - t0
+    assert r.status_code == 504 and 0.8 < elapsed < 1.3, (r.text, elapsed)
