@@ -7,3 +7,11 @@ pytest_plugins = [
     "tests.fixtures.hubstub",
     "tests.fixtures.tiny_glm",
 ]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--route-manifest",
+        default="~/.local/share/mlx-route/route.json",
+        help="path, on the host under test, of the route.json the deploy wrote (tests/host)",
+    )
