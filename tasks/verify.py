@@ -14,6 +14,7 @@ from pyinfra.operations import files, python
 
 from tasks.backends import select_backend
 from tasks.common import REPO, RouteError, paths, profile
+from tasks.probes import bench_sizes
 from tasks.services import public_name, proxy_key_file, route_services
 
 MANIFEST = "route.json"
@@ -30,6 +31,8 @@ def manifest() -> dict:
         "shards": prof["shards"],
         "public_name": public_name(prof),
         "smoke": prof["smoke"],
+        "gates": prof.get("gates", {}),
+        "bench": bench_sizes(prof),
         "server": {"host": host.data.server_host, "port": host.data.server_port},
         "proxy": {
             "host": host.data.proxy_host,

@@ -1,0 +1,330 @@
+#!/usr/bin/env python3
+"""Probe a deployed route and keep a report of it: JSON, Markdown, PNG plots.
+
+    python tools/route_report.py --hosts local://                  # this machine
+    python tools/route_report.py --hosts ssh://me@studio           # a Mac over SSH
+    python tools/route_report.py --from-json probes.json --host-name studio   # rebuild
+
+Runs files/probes.py ON the host with the route's own interpreter (the venv
+named in route.json), through testinfra's connection (the same `--hosts` as
+the host suite), then writes
+
+    reports/<host>/<UTC timestamp>/report.json   every number, for machines
+    reports/<host>/<UTC timestamp>/report.md     the page a person opens
+    reports/<host>/<UTC timestamp>/*.png         tokens/s per probe, prefill
+                                                 time against prompt length,
+                                                 cold vs cached follow-up
+
+Older runs of the same host stay next to it; report.md lists them so runs can
+be compared over time. Probe sizes default to the ones the deploy recorded in
+route.json (the profile's `bench`, or the bench_* data keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PROBES = REPO / "files" / "probes.py"
+DEFAULT_MANIFEST = "~/.local/share/mlx-route/route.json"
+SIZE_FLAGS = ("needle_tokens", "cache_tokens", "integers", "prose_words", "timeout_s")
+PLOTS = {
+    "tokens_per_s.png": "Prefill and decode tokens/s per probe",
+    "prefill_vs_length.png": "Time to first token against uncached prompt length",
+    "prefix_cache.png": "Cold prefill vs cached follow-up turn",
+}
+
+
+class ReportError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Running the probes on the host
+# ---------------------------------------------------------------------------
+
+
+def run_probes(target: str, manifest: str = DEFAULT_MANIFEST, via: str = "proxy",
+               sizes: dict | None = None, timeout_s: float = 3600) -> dict:
+    """files/probes.py run on `target` (a testinfra --hosts value); its JSON."""
+    import testinfra
+
+    host = testinfra.get_host(target)
+    path = manifest
+    if path.startswith("~/"):
+        path = host.run('printf %s "$HOME"').stdout + path[1:]
+    f = host.file(path)
+    if not f.exists:
+        raise ReportError(f"{target}: {path} is missing: run the deploy first")
+    route = json.loads(f.content_string)
+    python = f"{route['venv']}/bin/python"
+    # The script travels inside the command, so a by-hand run needs nothing
+    # uploaded beforehand and leaves nothing behind.
+    payload = base64.b64encode(PROBES.read_bytes()).decode()
+    args = ["--manifest", path, "--via", via]
+    for name, value in (sizes or {}).items():
+        if value is not None:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    code = "import base64,sys; exec(compile(base64.b64decode(sys.argv.pop(1)), 'probes.py', 'exec'))"
+    command = (f"timeout {int(timeout_s)} {shlex.quote(python)} -c {shlex.quote(code)} "
+               f"{payload} {' '.join(shlex.quote(a) for a in args)}")
+    out = host.run(command)
+    if out.rc != 0:
+        raise ReportError(f"{target}: the probes failed (exit {out.rc}): "
+                          f"{(out.stderr or out.stdout).strip()[-800:]}")
+    return json.loads(out.stdout)
+
+
+# ---------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------
+
+
+def gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def fmt(v, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.2f}{unit}" if isinstance(v, float) else f"{v}{unit}"
+
+
+def verdicts(data: dict) -> dict:
+    """Checks with a limit taken from the profile (route.json `gates`)."""
+    out = {}
+    limit = (data.get("limits") or {}).get("cache_followup_max_ratio")
+    ratio = data["prefix_cache"]["ratio"]
+    if limit is not None:
+        out["cache_followup"] = {
+            "ratio": ratio, "max_ratio": limit,
+            "ok": ratio is not None and ratio <= limit,
+        }
+    return out
+
+
+def plot(data: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probes = data["probes"]
+    names = [p["name"] for p in probes]
+    title = f"{data['host']} - {data['profile']} - {data['started_at']}"
+    written = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, colour, what in ((axes[0], "prefill_tok_s", "#4c72b0", "prefill"),
+                                  (axes[1], "decode_tok_s", "#dd8452", "decode")):
+        values = [p[key] or 0 for p in probes]
+        bars = ax.bar(names, values, color=colour)
+        ax.bar_label(bars, labels=[fmt(p[key]) for p in probes], fontsize=8)
+        ax.set_title(f"{what} tokens/s")
+        ax.set_ylabel("tokens/s")
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    written.append(out / "tokens_per_s.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = [p["prompt_tokens"] - p["cached_tokens"] for p in probes]
+    ys = [p["ttft_s"] for p in probes]
+    ax.scatter(xs, ys, color="#4c72b0")
+    for x, y, n in zip(xs, ys, names):
+        ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if len(set(xs)) > 1:
+        # least squares through the points: the slope is seconds per prompt token
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        lo, hi = min(xs), max(xs)
+        ax.plot([lo, hi], [my + slope * (lo - mx), my + slope * (hi - mx)], "--", color="grey",
+                label=f"{1 / slope:.0f} tok/s" if slope > 0 else "fit")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("prompt tokens computed (prompt - cached)")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    written.append(out / "prefill_vs_length.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    cache = data["prefix_cache"]
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    bars = ax.bar(["cold", "cached follow-up"], [cache["cold_ttft_s"], cache["followup_ttft_s"]],
+                  color=["#c44e52", "#55a868"])
+    ax.bar_label(bars, labels=[f"{cache['cold_ttft_s']:.2f} s\n{cache['cold_prompt_tokens']} tok",
+                               f"{cache['followup_ttft_s']:.2f} s\n"
+                               f"{cache['followup_cached_tokens']}/"
+                               f"{cache['followup_prompt_tokens']} cached"], fontsize=8)
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(f"follow-up / cold = {fmt(cache['ratio'])}\n{title}", fontsize=9)
+    fig.tight_layout()
+    written.append(out / "prefix_cache.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+    return written
+
+
+def history(host_dir: Path, limit: int = 10) -> list[dict]:
+    runs = []
+    for path in sorted(host_dir.glob("*/report.json"))[-limit:]:
+        try:
+            runs.append(json.loads(path.read_text()) | {"_dir": path.parent.name})
+        except (OSError, ValueError):
+            continue
+    return runs
+
+
+def by_name(data: dict) -> dict:
+    return {p["name"]: p for p in data["probes"]}
+
+
+def markdown(data: dict, runs: list[dict]) -> str:
+    mem, disk, cache = data["memory"], data["disk"], data["prefix_cache"]
+    lines = [
+        f"# Route report: {data['host']}",
+        "",
+        f"- profile `{data['profile']}` (served as `{data['public_name']}`), probed via "
+        f"{data['via']} {data['endpoint']}",
+        f"- started {data['started_at']}, {data['duration_s']} s, {data['system']}",
+        f"- sizes: {', '.join(f'{k} {v}' for k, v in data['sizes'].items())}",
+        "",
+        "## Speed probes",
+        "",
+        "Prefill is the time to the first streamed token; decode is the rest of the wall "
+        "(output tokens after the first over that time). `total tok/s` is all tokens over "
+        "the wall, the seed's figure for its needle probe. These are direct endpoint "
+        "probes, not an agent benchmark.",
+        "",
+        "| Probe | Prompt tokens | Cached | Output tokens | Wall (s) | TTFT (s) | "
+        "Prefill tok/s | Decode tok/s | Total tok/s | Finish |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in data["probes"]:
+        lines.append(
+            f"| {p['label']} | {p['prompt_tokens']} | {p['cached_tokens']} | "
+            f"{p['output_tokens']} | {fmt(p['wall_s'])} | {fmt(p['ttft_s'])} | "
+            f"{fmt(p['prefill_tok_s'])} | {fmt(p['decode_tok_s'])} | {fmt(p['total_tok_s'])} | "
+            f"{p['finish_reason']} |")
+    needle = by_name(data).get("needle", {})
+    lines += ["", f"Needle found in the answer: {needle.get('needle_found', 'n/a')} "
+                  f"(answer `{needle.get('answer', '')[:60]!s}`).", ""]
+    lines += [
+        "![tokens/s per probe](tokens_per_s.png)",
+        "",
+        "![prefill time against prompt length](prefill_vs_length.png)",
+        "",
+        "## Prefix cache",
+        "",
+        f"A {cache['cold_prompt_tokens']}-token prompt nobody sent before took "
+        f"{fmt(cache['cold_ttft_s'])} s to its first token; the same conversation with the "
+        f"answer and a short new turn ({cache['followup_prompt_tokens']} tokens, "
+        f"{cache['followup_cached_tokens']} from the cache) took {fmt(cache['followup_ttft_s'])} s: "
+        f"**{fmt(cache['ratio'])}** of the cold prefill.",
+    ]
+    for name, v in data.get("verdicts", {}).items():
+        lines.append(f"Limit from the profile: at most {v['max_ratio']}: "
+                     f"**{'PASS' if v['ok'] else 'FAIL'}**.")
+    lines += ["", "![cold vs cached follow-up](prefix_cache.png)", "",
+              "## Memory", "",
+              "Three different things, kept apart (the seed saw ~368 GB on disk, ~395 GB MLX "
+              "peak and ~309 GB RSS for the same model).", "",
+              "| What | Value | How |", "|---|---|---|",
+              f"| Weights on disk | {gib(disk['apparent_bytes'])} ({disk['files']} files; "
+              f"{gib(disk['allocated_bytes'])} allocated) | sizes under `{disk['model_dir']}` |",
+              f"| Server RSS after load | {gib(mem['rss_loaded_bytes'])} | pid {mem['server_pid']} "
+              f"({mem['server_pid_from']}), before the probes |",
+              f"| Server RSS peak during probes | {gib(mem['rss_peak_sampled_bytes'])} | "
+              f"{mem['rss_samples']} samples, every 0.25 s |",
+              f"| Server RSS high-water mark | {gib(mem['rss_hwm_bytes'])} | kernel VmHWM since "
+              f"the process started (Linux only) |",
+              f"| MLX peak | {gib(mem['mlx_peak_bytes'])} | {mem['mlx_peak_note']} |",
+              f"| Host memory | {gib(mem['host_total_bytes'])} | |",
+              ""]
+    if mem.get("server_command"):
+        lines += ["Server command: `" + " ".join(mem["server_command"]) + "`", ""]
+    lines += ["## Runs of this host", "",
+              "| Run | Tiny wall (s) | Integers decode tok/s | Prose decode tok/s | "
+              "Needle prefill tok/s | Cache ratio | RSS peak |",
+              "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        p = by_name(run)
+        g = lambda n, k: p.get(n, {}).get(k)  # noqa: E731
+        lines.append(
+            f"| {run['_dir']} | {fmt(g('tiny', 'wall_s'))} | {fmt(g('integers', 'decode_tok_s'))} | "
+            f"{fmt(g('prose', 'decode_tok_s'))} | {fmt(g('needle', 'prefill_tok_s'))} | "
+            f"{fmt(run['prefix_cache']['ratio'])} | "
+            f"{gib(run['memory']['rss_peak_sampled_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "host"
+
+
+def build_report(data: dict, out_root: Path, host_name: str | None = None,
+                 stamp: str | None = None) -> Path:
+    """Write report.json, report.md and the plots; return the run's directory."""
+    stamp = stamp or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    host_dir = Path(out_root) / safe_name(host_name or data["host"])
+    out = host_dir / stamp
+    if out.exists():
+        raise ReportError(f"{out} exists already: a run is never overwritten")
+    out.mkdir(parents=True)
+    data = dict(data, verdicts=verdicts(data), report_stamp=stamp)
+    (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    plot(data, out)
+    (out / "report.md").write_text(markdown(data, history(host_dir)))
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hosts", help="testinfra host: local://, ssh://user@host[:port]")
+    src.add_argument("--from-json", type=Path, help="build the report from a saved probes JSON")
+    p.add_argument("--route-manifest", default=DEFAULT_MANIFEST,
+                   help="route.json on the host (written by the deploy)")
+    p.add_argument("--via", choices=["proxy", "server"], default="proxy")
+    p.add_argument("--host-name", default=None,
+                   help="folder name under --out (default: the host's hostname)")
+    p.add_argument("--out", type=Path, default=REPO / "reports", help="reports root")
+    for name in SIZE_FLAGS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=float if name == "timeout_s" else int,
+                       default=None, help="override route.json's bench value")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.from_json:
+            data = json.loads(args.from_json.read_text())
+        else:
+            sizes = {n: getattr(args, n) for n in SIZE_FLAGS}
+            data = run_probes(args.hosts, args.route_manifest, args.via, sizes)
+        out = build_report(data, args.out, args.host_name)
+    except (ReportError, OSError, ValueError) as e:
+        print(f"route_report: {e}", file=sys.stderr)
+        return 1
+    print(out / "report.md")
+    failed = [n for n, v in json.loads((out / "report.json").read_text())["verdicts"].items()
+              if not v["ok"]]
+    if failed:
+        print(f"route_report: over the profile's limit: {', '.join(failed)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
