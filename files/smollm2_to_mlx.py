@@ -62,52 +62,63 @@ TOP_NAMES = {
     "output": "lm_head",
 }
 
-# The GGUF's own template, extended: without `tools` it renders exactly what
-# the original renders (tests compare both); with `tools` it lists them in the
-# system turn with one <tool_call> example, renders earlier assistant calls in
-# the same form, and shows tool results as <tool_response> in a user turn
-# (the shape SmolLM2's instruct data uses for function calling).
+# The GGUF's own template, extended for tools. Without `tools` it renders
+# exactly what the original renders (a test compares both). With `tools` the
+# system turn lists them, and one example exchange shows a <tool_call> for the
+# first tool: measured at temperature 0, the 135M model ignores a format
+# described only in the system turn, and calls the tool after one example.
+# Tool results go in an `ipython` turn (Llama 3.1's name for tool output):
+# with it the model answers from the result; in a `user` turn it echoes or
+# calls the tool again.
 CHAT_TEMPLATE = (
     "{%- set default_system = 'You are a helpful AI assistant named SmolLM, trained by Hugging Face' -%}"
+    "{%- set ns = namespace(tools_block='', example='', functions=[]) -%}"
     "{%- if tools -%}"
-    "{%- set tools_block -%}\n\n"
-    "You can call these functions. Their JSON schemas:\n"
-    "{%- for tool in tools %}\n"
-    "{{ (tool.function if tool.function is defined else tool) | tojson }}"
-    "{%- endfor %}\n\n"
-    "To call a function, reply with one JSON object inside <tool_call></tool_call> tags, "
-    "for example:\n"
-    '<tool_call>{"name": "function_name", "arguments": {"argument_name": "value"}}</tool_call>'
-    "{%- endset -%}"
-    "{%- else -%}{%- set tools_block = '' -%}{%- endif -%}"
+    "{%- for tool in tools -%}"
+    "{%- set ns.functions = ns.functions + [tool.function if tool.function is defined else tool] -%}"
+    "{%- endfor -%}"
+    "{%- set functions = ns.functions -%}"
+    "{%- set ns.tools_block = '\\n\\nYou have access to the following tools:\\n<tools>' + functions | tojson"
+    " + '</tools>\\n\\nTo use a tool, answer only with a tool call in this format:\\n'"
+    " + '<tool_call>{\"name\": \"func_name\", \"arguments\": {\"argument1\": \"value1\"}}</tool_call>' -%}"
+    "{%- set first = functions[0] -%}"
+    "{%- set params = first.parameters if first.parameters is defined else {} -%}"
+    "{%- set required = params.required if params.required is defined"
+    " else (params.properties.keys() | list if params.properties is defined else []) -%}"
+    "{%- set ns.example = '<|im_start|>user\\nShow how you call ' + first.name + '.<|im_end|>\\n'"
+    " + '<|im_start|>assistant\\n<tool_call>{\"name\": ' + first.name | tojson + ', \"arguments\": {' -%}"
+    "{%- for name in required -%}"
+    "{%- set ns.example = ns.example + (', ' if not loop.first else '') + name | tojson + ': \"...\"' -%}"
+    "{%- endfor -%}"
+    "{%- set ns.example = ns.example + '}}</tool_call><|im_end|>\\n' -%}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{ '<|im_start|>system\\n' + default_system + tools_block + '<|im_end|>\\n' }}"
+    "{{- '<|im_start|>system\\n' + default_system + ns.tools_block + '<|im_end|>\\n' + ns.example -}}"
     "{%- endif -%}"
     "{%- if message['role'] == 'system' -%}"
-    "{{ '<|im_start|>system\\n' + message['content'] + (tools_block if loop.first else '') + '<|im_end|>\\n' }}"
+    "{{- '<|im_start|>system\\n' + message['content'] -}}"
+    "{%- if loop.first -%}{{- ns.tools_block + '<|im_end|>\\n' + ns.example -}}"
+    "{%- else -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
     "{%- elif message['role'] == 'tool' -%}"
-    "{%- if loop.previtem is not defined or loop.previtem['role'] != 'tool' -%}"
-    "{{ '<|im_start|>user' }}"
-    "{%- endif -%}"
-    "{{ '\\n<tool_response>\\n' + (message['content'] if message['content'] is string else message['content'] | tojson) + '\\n</tool_response>' }}"
-    "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}"
-    "{{ '<|im_end|>\\n' }}"
-    "{%- endif -%}"
-    "{%- elif message['role'] == 'assistant' and message.get('tool_calls') -%}"
-    "{{ '<|im_start|>assistant\\n' + (message['content'] or '') }}"
+    "{{- '<|im_start|>ipython\\n' -}}"
+    "{{- message['content'] if message['content'] is string else message['content'] | tojson -}}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] is defined"
+    " and message['tool_calls'] -%}"
+    "{{- '<|im_start|>assistant\\n' + (message['content'] or '') -}}"
     "{%- for call in message['tool_calls'] -%}"
     "{%- set call = call.function if call.function is defined else call -%}"
-    '{{ \'<tool_call>{"name": \' + (call.name | tojson) + \', "arguments": \' }}'
-    "{{ call.arguments if call.arguments is string else call.arguments | tojson }}"
-    "{{ '}</tool_call>' }}"
+    "{{- '<tool_call>{\"name\": ' + call.name | tojson + ', \"arguments\": ' -}}"
+    "{{- call.arguments if call.arguments is string else call.arguments | tojson -}}"
+    "{{- '}</tool_call>' -}}"
     "{%- endfor -%}"
-    "{{ '<|im_end|>\\n' }}"
+    "{{- '<|im_end|>\\n' -}}"
     "{%- else -%}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
 

@@ -6,6 +6,8 @@ pytest_plugins = [
     "tests.fixtures.upstream_stub",
     "tests.fixtures.hubstub",
     "tests.fixtures.tiny_glm",
+    "tests.fixtures.smollm2",
+    "tests.fixtures.mlx_server",
 ]
 
 
