@@ -33,9 +33,11 @@ import time
 import zipfile
 from pathlib import Path
 
-# Bump when the output changes for the same input (template, names, files):
-# existing conversions are then rebuilt.
+# Bump when the output format changes. Existing conversions are rebuilt when
+# it or this file's own bytes (CONVERTER_SHA256) differ from their provenance,
+# so an edited template never hides behind an old conversion.
 CONVERTER_VERSION = 1
+CONVERTER_SHA256 = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 PROVENANCE = "mlx-route-source.json"
 WEIGHTS = "model.safetensors"
@@ -420,6 +422,7 @@ def build(source_sha: str, opener, dtype: str, build_dir: Path, source: Path) ->
         "source_name": source.name,
         "dtype": dtype,
         "converter_version": CONVERTER_VERSION,
+        "converter_sha256": CONVERTER_SHA256,
         "shard_sizes": {WEIGHTS: (build_dir / WEIGHTS).stat().st_size},
     }
     # Written last: its presence marks a finished build.
@@ -439,6 +442,7 @@ def convert(source: Path, out: Path, dtype: str) -> dict:
         and current.get("source_sha256") == source_sha
         and current.get("dtype") == dtype
         and current.get("converter_version") == CONVERTER_VERSION
+        and current.get("converter_sha256") == CONVERTER_SHA256
         and weights_complete(out)
     ):
         return {"changed": False, **summary, "seconds": round(time.monotonic() - started, 2)}
