@@ -34,6 +34,8 @@ import aiohttp
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
+# The leave test needs an answer longer than the test (a real model stops early).
+LONG = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
 
 
 def free_port() -> int:
@@ -135,7 +137,7 @@ class Bench:
     async def run_after_leave(self, base, stream: bool) -> float | None:
         """Seconds the upstream kept generating after the client left."""
         tokens = self.args.leave_tokens
-        body = self.body(stream=stream, tokens=tokens, delay_s=0.01)
+        body = dict(self.body(stream=stream, tokens=tokens, delay_s=0.01), messages=LONG)
         before = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=None if stream else self.args.leave_after_s)
         left = None

@@ -24,6 +24,11 @@ WEATHER_TOOL = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}}
 LONG = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
+# After the proxy resets the connection, mlx_lm.server's next token write fails;
+# its batch loop then finishes its time budget (TimeBudget(budget=0.5) in
+# mlx_lm/server.py 0.32.2) before it drops the request: up to 0.5 s more, plus
+# CPU-sampling slack.
+STOP_SLACK_S = 0.9
 
 
 def cpu_seconds(pid: int) -> float:
@@ -92,7 +97,13 @@ def test_proxy_streams_real_chunks_with_the_public_name(route):
 
 
 def test_proxy_passes_real_tool_calls(route, mlx_server):
-    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # A 135M model needs one worked example before it calls a tool.
+    messages = [
+        {"role": "user", "content": "What is the weather in London?"},
+        {"role": "assistant", "content": '<tool_call>{"name": "get_weather", '
+                                         '"arguments": {"city": "London"}}</tool_call>'},
+        {"role": "user", "content": "What is the weather in Paris?"},
+    ]
     direct = httpx.post(mlx_server.url + "/v1/chat/completions", timeout=120, json={
         "messages": messages, "tools": [WEATHER_TOOL], "max_tokens": 64,
         "temperature": 0}).json()
@@ -119,11 +130,12 @@ def test_proxy_stops_generation_when_client_times_out(route, mlx_server):
     with pytest.raises(openai.APITimeoutError):
         sdk(mlx_server.url, timeout=1.0).chat.completions.create(model="default_model", **body)
     wedged = busy_for(pid, time.monotonic())
-    assert wedged > 1.5, "control failed: the server stopped by itself"
+    assert wedged > 3, "control failed: the server stopped by itself"
 
     with pytest.raises(openai.APITimeoutError):
         sdk(route.url, timeout=1.0).chat.completions.create(model="m", **body)
-    assert busy_for(pid, time.monotonic()) < 0.3
+    stopped = busy_for(pid, time.monotonic())
+    assert stopped < STOP_SLACK_S, (stopped, wedged)
     t0 = time.monotonic()  # and the server takes the next request at once
     reply = sdk(route.url).chat.completions.create(model="m", messages=FRANCE, max_tokens=16,
                                                    temperature=0)
@@ -133,11 +145,16 @@ def test_proxy_stops_generation_when_client_times_out(route, mlx_server):
 def test_proxy_stops_generation_when_streaming_client_leaves(route, mlx_server):
     stream = sdk(route.url).chat.completions.create(model="m", messages=LONG, max_tokens=120,
                                                     temperature=0, stream=True)
-    for i, _ in enumerate(stream):
-        if i == 3:
+    arrivals = []
+    for chunk in stream:
+        arrivals.append(time.monotonic())
+        if len(arrivals) == 6:
             break
     stream.close()
-    assert busy_for(mlx_server.proc.pid, time.monotonic()) < 0.3
+    left = time.monotonic()
+    token = max(b - a for a, b in zip(arrivals[1:], arrivals[2:]))
+    stopped = busy_for(mlx_server.proc.pid, left)
+    assert stopped < token + STOP_SLACK_S, (stopped, token)
     metrics = httpx.get(route.url + "/metrics").text
     assert 'proxy_cancelled_generations_total{reason="client_left"}' in metrics
 
