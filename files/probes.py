@@ -318,31 +318,33 @@ def run_probes(args: argparse.Namespace, manifest: dict) -> dict:
     probes = []
     t0 = time.monotonic()
     try:
-        chat(smoke["messages"], 4)  # warm-up: the seed's "tiny warm" is a warm request
-        probes.append(measure("tiny", "Tiny warm request", chat(
-            smoke["messages"], int(smoke.get("max_tokens", 16)))))
+        if args.only == "all":
+            chat(smoke["messages"], 4)  # warm-up: the seed's "tiny warm" is a warm request
+            probes.append(measure("tiny", "Tiny warm request", chat(
+                smoke["messages"], int(smoke.get("max_tokens", 16)))))
 
-        n = args.integers
-        probes.append(measure("integers", f"{n}-integer generation", chat(
-            [{"role": "user", "content": f"Write the integers from 1 to {n} in order, separated "
-                                         f"by single spaces, and nothing else."}],
-            int(n * 2.5) + 16)))
+            n = args.integers
+            probes.append(measure("integers", f"{n}-integer generation", chat(
+                [{"role": "user", "content": f"Write the integers from 1 to {n} in order, "
+                                             f"separated by single spaces, and nothing else."}],
+                int(n * 2.5) + 16)))
 
-        w = args.prose_words
-        probes.append(measure("prose", f"{w}-word prose", chat(
-            [{"role": "user", "content": f"Write a {w}-word paragraph about how lighthouses "
-                                         f"guided ships before radio."}],
-            int(w * 1.6) + 16)))
+            w = args.prose_words
+            probes.append(measure("prose", f"{w}-word prose", chat(
+                [{"role": "user", "content": f"Write a {w}-word paragraph about how lighthouses "
+                                             f"guided ships before radio."}],
+                int(w * 1.6) + 16)))
 
-        nonce = secrets.token_hex(4)
-        code = str(secrets.randbelow(9000) + 1000)
-        half = filler(args.needle_tokens // 2, nonce)
-        needle_prompt = (f"{half} The secret code is {code}. {filler(args.needle_tokens // 2, nonce + 'b')}"
-                         f"\n\nWhat is the secret code? Reply with the number only.")
-        needle = measure("needle", f"~{args.needle_tokens}-token needle prefill",
-                         chat([{"role": "user", "content": needle_prompt}], 8))
-        needle["needle_found"] = code in needle["answer"]
-        probes.append(needle)
+            nonce = secrets.token_hex(4)
+            code = str(secrets.randbelow(9000) + 1000)
+            half = args.needle_tokens // 2
+            needle_prompt = (f"{filler(half, nonce)} The secret code is {code}. "
+                             f"{filler(half, nonce + 'b')}\n\n"
+                             f"What is the secret code? Reply with the number only.")
+            needle = measure("needle", f"~{args.needle_tokens}-token needle prefill",
+                             chat([{"role": "user", "content": needle_prompt}], 8))
+            needle["needle_found"] = code in needle["answer"]
+            probes.append(needle)
 
         long_turn = [{"role": "user", "content": (
             f"{filler(args.cache_tokens, secrets.token_hex(4))}\n\n"
@@ -413,6 +415,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name.replace('_', '-')}", type=float if name == "timeout_s" else int,
                        default=None,
                        help=f"route.json's bench value, else the seed's {default}")
+    p.add_argument("--only", choices=["all", "cache"], default="all",
+                   help="all probes, or only the prefix-cache pair (the host suite's gate)")
     p.add_argument("--out", default=None, help="write the JSON here instead of stdout")
     args = p.parse_args(argv)
     for name in SEED_SIZES:

@@ -50,12 +50,12 @@ class ReportError(Exception):
 # ---------------------------------------------------------------------------
 
 
-def run_probes(target: str, manifest: str = DEFAULT_MANIFEST, via: str = "proxy",
-               sizes: dict | None = None, timeout_s: float = 3600) -> dict:
-    """files/probes.py run on `target` (a testinfra --hosts value); its JSON."""
+def run_probes(target, manifest: str = DEFAULT_MANIFEST, via: str = "proxy",
+               sizes: dict | None = None, only: str = "all") -> dict:
+    """files/probes.py run on `target` (a testinfra --hosts value or host); its JSON."""
     import testinfra
 
-    host = testinfra.get_host(target)
+    host = testinfra.get_host(target) if isinstance(target, str) else target
     path = manifest
     if path.startswith("~/"):
         path = host.run('printf %s "$HOME"').stdout + path[1:]
@@ -67,12 +67,14 @@ def run_probes(target: str, manifest: str = DEFAULT_MANIFEST, via: str = "proxy"
     # The script travels inside the command, so a by-hand run needs nothing
     # uploaded beforehand and leaves nothing behind.
     payload = base64.b64encode(PROBES.read_bytes()).decode()
-    args = ["--manifest", path, "--via", via]
+    args = ["--manifest", path, "--via", via, "--only", only]
     for name, value in (sizes or {}).items():
         if value is not None:
             args += [f"--{name.replace('_', '-')}", str(value)]
-    code = "import base64,sys; exec(compile(base64.b64decode(sys.argv.pop(1)), 'probes.py', 'exec'))"
-    command = (f"timeout {int(timeout_s)} {shlex.quote(python)} -c {shlex.quote(code)} "
+    code = ("import base64,sys; "
+            "exec(compile(base64.b64decode(sys.argv.pop(1)), 'probes.py', 'exec'))")
+    # no `timeout` wrapper: macOS has none; every request has its own deadline
+    command = (f"{shlex.quote(python)} -c {shlex.quote(code)} "
                f"{payload} {' '.join(shlex.quote(a) for a in args)}")
     out = host.run(command)
     if out.rc != 0:
