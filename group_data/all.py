@@ -126,7 +126,7 @@ model_profiles = {
                 {"role": "user", "content": "What's the weather in Paris? Use get_weather."}],
             "tool_call_expect": {"name": "get_weather", "arguments": {"city": "Paris"}},
             "tool_result": '{"city": "Paris", "temperature_c": 22, "sky": "sunny"}',
-            "tool_result_expect": "22",
+            "tool_result_expect": "sunny",
             "max_tokens": 256,
             # the seed: 8.11 s tool call, 43 s cold first decode after a restart
             "max_wall_s": 300,
@@ -169,8 +169,8 @@ model_profiles = {
         "ready_timeout_s": 120,
         "gates": {
             "tools": [_GET_WEATHER],
-            # 135M parameters do not call a tool from the system prompt alone;
-            # one earlier call in the conversation (London) is enough.
+            # measured at temperature 0: after one earlier call in the
+            # conversation (London) the 135M model calls the tool every time
             "tool_call_messages": [
                 {"role": "user", "content": "What is the weather in London?"},
                 {"role": "assistant", "content": "", "tool_calls": [
@@ -180,7 +180,7 @@ model_profiles = {
             ],
             "tool_call_expect": {"name": "get_weather", "arguments": {"city": "Paris"}},
             "tool_result": '{"city": "Paris", "temperature_c": 22, "sky": "sunny"}',
-            "tool_result_expect": "22",
+            "tool_result_expect": "sunny",
             "max_tokens": 64,
             # 2 shared CPU cores decode at 3-15 tok/s
             "max_wall_s": 240,

@@ -35,8 +35,8 @@ def cache_budget_bytes(ram: int, prof: dict, fraction: float, overhead: float,
                        headroom_gb: float) -> int:
     """fraction x (RAM - weights while serving - headroom), never below the profile's value."""
     if not 0 < fraction <= 1:
-        raise RouteError(f"{host.name}: server_prompt_cache_fraction must be in (0, 1], "
-                         f"got {fraction!r}")
+        raise RouteError(f"server_prompt_cache_fraction must be in (0, 1], got {fraction!r}: "
+                         f"fix it in inventory.py or group_data/all.py")
     floor = int(prof.get("server_args", {}).get("prompt-cache-bytes") or 0)
     spare = ram - prof["size_gb"] * overhead * GB - headroom_gb * GB
     return max(floor, int(fraction * spare))
@@ -47,6 +47,9 @@ def prompt_cache_bytes(prof: dict) -> int | None:
     fraction = host.data.get("server_prompt_cache_fraction")
     if fraction is None:
         return None
+    if not isinstance(fraction, (int, float)):
+        raise RouteError(f"{host.name}: server_prompt_cache_fraction must be a number or None, "
+                         f"got {fraction!r}")
     return cache_budget_bytes(
         host_memory_bytes(), prof, float(fraction),
         float(host.data.get("host_wired_model_overhead") or 1.1),
