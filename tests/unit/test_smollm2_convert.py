@@ -209,16 +209,24 @@ def test_rerun_on_the_same_source_changes_nothing(fresh_conversion, smollm2_whee
 
 
 @pytest.mark.slow
-def test_a_missing_shard_is_rebuilt(fresh_conversion, smollm2_wheel):
+def test_a_missing_shard_is_rebuilt_and_leftovers_of_killed_runs_go(
+    fresh_conversion, smollm2_wheel
+):
     out, _ = fresh_conversion
     (out / "model.safetensors").write_bytes(b"")  # as after a disk-full copy
+    killed = out.parent / f".{out.name}.partial-999999999-x1y2"  # no such pid
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
     assert convert(smollm2_wheel, out)["changed"] is True
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
     size = json.loads((out / "mlx-route-source.json").read_text())["shard_sizes"]
     assert (out / "model.safetensors").stat().st_size == size["model.safetensors"] > 500e6
 
 
 @pytest.mark.slow
-def test_bfloat16_conversion_from_the_gguf_halves_the_weights(smollm2_gguf, fresh_conversion, tmp_path):
+def test_bfloat16_conversion_from_the_gguf_halves_the_weights(
+    smollm2_gguf, fresh_conversion, tmp_path
+):
     out = tmp_path / "bf16"
     result = convert(smollm2_gguf, out, "bfloat16")
     print(f"\nconversion from the gguf (bfloat16): {result['seconds']} s")
@@ -312,7 +320,8 @@ def test_converted_model_loads_and_answers_the_capital_of_france(smollm2_model_d
         PROFILE["smoke"]["messages"], add_generation_prompt=True, tokenize=False
     )
     text, last = "", None
-    for last in stream_generate(model, tokenizer, prompt, max_tokens=PROFILE["smoke"]["max_tokens"]):
+    max_tokens = PROFILE["smoke"]["max_tokens"]
+    for last in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
         text += last.text
     print(f"\nmlx_lm.load: {load_s:.1f} s; generation: {last.generation_tps:.1f} tok/s, "
           f"prompt: {last.prompt_tps:.1f} tok/s")
