@@ -16,6 +16,7 @@ def data_keys() -> list[str]:
         target.id
         for node in tree.body if isinstance(node, ast.Assign)
         for target in node.targets if isinstance(target, ast.Name)
+        if not target.id.startswith("_")  # pyinfra does not take these as data keys
     ]
 
 
