@@ -394,3 +394,20 @@ def test_tool_result_round_trip_ends_in_a_plain_answer(client):
 def test_server_fixture_lists_the_model_with_an_existing_hf_cache(mlx_server, client):
     assert os.path.isdir(mlx_server.model_path)
     assert [m.id for m in client.models.list().data] == [str(mlx_server.model_path)]
+
+
+@pytest.mark.slow
+def test_an_ad_hoc_server_can_be_killed_without_touching_the_session_one(
+    mlx_server_factory, mlx_server
+):
+    import openai
+
+    spare = mlx_server_factory()
+    assert spare.port != mlx_server.port and spare.proc.pid != mlx_server.proc.pid
+    spare.proc.kill()
+    spare.proc.wait(30)
+    with pytest.raises(openai.APIConnectionError):
+        openai.OpenAI(base_url=spare.url + "/v1", api_key="unused", max_retries=0).models.list()
+    assert mlx_server.proc.poll() is None
+    reply = openai.OpenAI(base_url=mlx_server.url + "/v1", api_key="unused").models.list()
+    assert reply.data
