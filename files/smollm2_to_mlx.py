@@ -457,7 +457,12 @@ def convert(source: Path, out: Path, dtype: str) -> dict:
         and current.get("converter_sha256") == CONVERTER_SHA256
         and weights_complete(out)
     ):
-        return {"changed": False, **summary, "seconds": round(time.monotonic() - started, 2)}
+        return {
+            "changed": False,
+            **summary,
+            "note": "already converted from this source with this dtype; nothing written",
+            "seconds": round(time.monotonic() - started, 2),
+        }
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and current is None)):
         raise BadInput(
             f"--out {out} exists and is not a conversion made by this script: "
