@@ -87,14 +87,18 @@ class Bench:
             assert r.status == 200, (r.status, base)
         return time.perf_counter() - t0
 
-    async def latency(self, session, base, n) -> list[float]:
+    async def latency(self, session, n) -> tuple[list[float], list[float]]:
+        """Sequential requests, direct and proxy alternating so that load from
+        elsewhere on the machine falls on both alike."""
         body = self.body()
         for _ in range(min(20, n)):  # warm up
-            await self.one(session, base, body)
-        out, end = [], time.monotonic() + self.args.phase_s
-        while len(out) < n and time.monotonic() < end:
-            out.append(await self.one(session, base, body))
-        return out
+            await self.one(session, self.direct, body)
+            await self.one(session, self.proxy, body)
+        direct, proxy, end = [], [], time.monotonic() + 2 * self.args.phase_s
+        while len(direct) < n and time.monotonic() < end:
+            direct.append(await self.one(session, self.direct, body))
+            proxy.append(await self.one(session, self.proxy, body))
+        return direct, proxy
 
     async def throughput(self, session, base, clients) -> dict:
         body = self.body()
@@ -191,8 +195,7 @@ class Bench:
                "python": platform.python_version()}
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=conn) as s:
-            lat_d = await self.latency(s, self.direct, a.latency_n)
-            lat_p = await self.latency(s, self.proxy, a.latency_n)
+            lat_d, lat_p = await self.latency(s, a.latency_n)
             res["latency_ms"] = {
                 "direct_p50": 1e3 * pct(lat_d, .5), "direct_p99": 1e3 * pct(lat_d, .99),
                 "proxy_p50": 1e3 * pct(lat_p, .5), "proxy_p99": 1e3 * pct(lat_p, .99),

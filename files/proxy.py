@@ -542,13 +542,18 @@ class Proxy:
             return self.passthrough_error(path, resp, raw)
         chunks = []
         done = False
+        buf = b""
         try:
-            async for line in resp.content:
-                if line.startswith(b"data: {"):
+            async for data in resp.content.iter_any():
+                *lines, buf = (buf + data).split(b"\n")
+                for line in lines:
+                    if line.startswith(b"data: {"):
+                        chunks.append(json.loads(line[6:]))
+                    elif line.startswith(b"data: [DONE]"):
+                        done = True
+                if chunks:
                     self.last_ok = self.now()
-                    chunks.append(json.loads(line[6:]))
-                elif line.startswith(b"data: [DONE]"):
-                    done = True
+                if done:
                     break
         except BaseException:
             reset(resp)
