@@ -80,6 +80,21 @@ def test_second_run_reports_no_changes(first_run):
     assert changed == {}, f"a re-run changed something: {changed}"
 
 
+def test_changed_server_flag_restarts_only_the_server(first_run):
+    server_before, proxy_before = supervisorctl("pid", "server"), supervisorctl("pid", "proxy")
+    result, log = deploy("--data", 'server_extra_args=["--prefill-step-size", "512"]')
+    assert result.returncode == 0, log[-6000:]
+    assert supervisorctl("pid", "server") != server_before
+    assert supervisorctl("pid", "proxy") == proxy_before
+    proxy_changes = [name for name, row in results_table(log).items()
+                     if name.startswith("Start the proxy |") and row[0] != "-"]
+    assert proxy_changes == []
+    # back to the defaults: the server restarts once more, the proxy stays
+    result, log = deploy()
+    assert result.returncode == 0, log[-6000:]
+    assert supervisorctl("pid", "proxy") == proxy_before
+
+
 def test_failed_smoke_generate_stops_the_deploy_and_keeps_the_running_server(first_run, tmp_path):
     """A profile whose smoke answer cannot match: the deploy must stop before
     touching the running server (same pid, same stamp), with the model's answer
