@@ -82,7 +82,8 @@ def load_manifest(path: str) -> dict:
         with open(path) as f:
             return json.load(f)
     except OSError as e:
-        raise ProbeError(f"cannot read the route manifest {path}: {e.strerror}; run the deploy first")
+        raise ProbeError(f"cannot read the route manifest {path}: {e.strerror}; "
+                         f"run the deploy first")
 
 
 def endpoint(manifest: dict, via: str) -> tuple[str, str | None]:
@@ -310,7 +311,7 @@ def run_probes(args: argparse.Namespace, manifest: dict) -> dict:
         return stream_chat(base, key, model, messages, max_tokens, args.timeout_s)
 
     pid, pid_how = server_pid(manifest)
-    rss_loaded, hwm_before = rss_bytes(pid) if pid else (None, None)
+    rss_loaded, _ = rss_bytes(pid) if pid else (None, None)
     sampler = RssSampler(pid) if pid else None
     if sampler:
         sampler.start()

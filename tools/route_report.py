@@ -230,7 +230,8 @@ def markdown(data: dict, runs: list[dict]) -> str:
         f"A {cache['cold_prompt_tokens']}-token prompt nobody sent before took "
         f"{fmt(cache['cold_ttft_s'])} s to its first token; the same conversation with the "
         f"answer and a short new turn ({cache['followup_prompt_tokens']} tokens, "
-        f"{cache['followup_cached_tokens']} from the cache) took {fmt(cache['followup_ttft_s'])} s: "
+        f"{cache['followup_cached_tokens']} from the cache) took "
+        f"{fmt(cache['followup_ttft_s'])} s: "
         f"**{fmt(cache['ratio'])}** of the cold prefill.",
     ]
     for name, v in data.get("verdicts", {}).items():
@@ -262,7 +263,8 @@ def markdown(data: dict, runs: list[dict]) -> str:
         p = by_name(run)
         g = lambda n, k: p.get(n, {}).get(k)  # noqa: E731
         lines.append(
-            f"| {run['_dir']} | {fmt(g('tiny', 'wall_s'))} | {fmt(g('integers', 'decode_tok_s'))} | "
+            f"| {run['_dir']} | {fmt(g('tiny', 'wall_s'))} | "
+            f"{fmt(g('integers', 'decode_tok_s'))} | "
             f"{fmt(g('prose', 'decode_tok_s'))} | {fmt(g('needle', 'prefill_tok_s'))} | "
             f"{fmt(run['prefix_cache']['ratio'])} | "
             f"{gib(run['memory']['rss_peak_sampled_bytes'])} |")
