@@ -128,6 +128,7 @@ def plot(data: dict, out: Path) -> list[Path]:
         values = [p[key] or 0 for p in probes]
         bars = ax.bar(names, values, color=colour)
         ax.bar_label(bars, labels=[fmt(p[key]) for p in probes], fontsize=8)
+        ax.set_ylim(0, max(values) * 1.15 or 1)  # room for the labels
         ax.set_title(f"{what} tokens/s")
         ax.set_ylabel("tokens/s")
         ax.tick_params(axis="x", rotation=30)
@@ -167,6 +168,7 @@ def plot(data: dict, out: Path) -> list[Path]:
                                f"{cache['followup_ttft_s']:.2f} s\n"
                                f"{cache['followup_cached_tokens']}/"
                                f"{cache['followup_prompt_tokens']} cached"], fontsize=8)
+    ax.set_ylim(0, max(cache["cold_ttft_s"], cache["followup_ttft_s"]) * 1.25 or 1)
     ax.set_ylabel("time to first token (s)")
     ax.set_title(f"follow-up / cold = {fmt(cache['ratio'])}\n{title}", fontsize=9)
     fig.tight_layout()
