@@ -311,10 +311,14 @@ class Proxy:
                         if resp.status >= 500 or "generation thread died" in text:
                             self.ready = False
                         return False
+                    # Read to the end: leaving early makes the server log a
+                    # broken pipe for every probe.
+                    token = False
                     async for line in resp.content:
-                        if line.startswith(b"data: {"):
-                            self.mark_ok()
-                            return True
+                        token = token or line.startswith(b"data: {")
+                    if token:
+                        self.mark_ok()
+                        return True
                     self.last_problem = "probe stream ended without a token"
         except asyncio.TimeoutError:
             self.last_problem = (f"no token within {self.args.probe_timeout_s:g} s "
