@@ -92,10 +92,10 @@ def gib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
-def fmt(v, unit: str = "") -> str:
+def fmt(v, unit: str = "", digits: int = 2) -> str:
     if v is None:
         return "n/a"
-    return f"{v:.2f}{unit}" if isinstance(v, float) else f"{v}{unit}"
+    return f"{v:.{digits}f}{unit}" if isinstance(v, float) else f"{v}{unit}"
 
 
 def verdicts(data: dict) -> dict:
@@ -170,7 +170,7 @@ def plot(data: dict, out: Path) -> list[Path]:
                                f"{cache['followup_prompt_tokens']} cached"], fontsize=8)
     ax.set_ylim(0, max(cache["cold_ttft_s"], cache["followup_ttft_s"]) * 1.25 or 1)
     ax.set_ylabel("time to first token (s)")
-    ax.set_title(f"follow-up / cold = {fmt(cache['ratio'])}\n{title}", fontsize=9)
+    ax.set_title(f"follow-up / cold = {fmt(cache['ratio'], digits=3)}\n{title}", fontsize=9)
     fig.tight_layout()
     written.append(out / "prefix_cache.png")
     fig.savefig(written[-1], dpi=110)
@@ -234,7 +234,7 @@ def markdown(data: dict, runs: list[dict]) -> str:
         f"answer and a short new turn ({cache['followup_prompt_tokens']} tokens, "
         f"{cache['followup_cached_tokens']} from the cache) took "
         f"{fmt(cache['followup_ttft_s'])} s: "
-        f"**{fmt(cache['ratio'])}** of the cold prefill.",
+        f"**{fmt(cache['ratio'], digits=3)}** of the cold prefill.",
     ]
     for name, v in data.get("verdicts", {}).items():
         lines.append(f"Limit from the profile: at most {v['max_ratio']}: "
@@ -268,7 +268,7 @@ def markdown(data: dict, runs: list[dict]) -> str:
             f"| {run['_dir']} | {fmt(g('tiny', 'wall_s'))} | "
             f"{fmt(g('integers', 'decode_tok_s'))} | "
             f"{fmt(g('prose', 'decode_tok_s'))} | {fmt(g('needle', 'prefill_tok_s'))} | "
-            f"{fmt(run['prefix_cache']['ratio'])} | "
+            f"{fmt(run['prefix_cache']['ratio'], digits=3)} | "
             f"{gib(run['memory']['rss_peak_sampled_bytes'])} |")
     return "\n".join(lines) + "\n"
 
