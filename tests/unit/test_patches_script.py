@@ -66,7 +66,9 @@ def test_series_applies_cleanly_to_the_pinned_mlx_lm_and_is_recorded(tmp_path):
         assert name in proc.stderr  # the run log names what was applied
     v32 = (site / "mlx_lm" / "models" / "deepseek_v32.py").read_text()
     assert "shares_topk" in v32 and "CacheList(KVCache())" in v32
-    assert "--serve-any-model" in (site / "mlx_lm" / "server.py").read_text()
+    server = (site / "mlx_lm" / "server.py").read_text()
+    assert "--serve-any-model" in server
+    assert "def _watch_client" in server and "mlx_lm-0003" in server
     assert not stale.exists(), "stale bytecode of a patched module must go"
     assert other.read_bytes() == b"untouched"
 

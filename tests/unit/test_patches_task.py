@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_patches_script import set_version, snapshot
+from tests.unit.test_patches_script import PATCHES, set_version, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.executable).parent.parent
 PYINFRA = str(VENV / "bin" / "pyinfra")
-APPLY_OP = "Apply mlx-lm patches mlx_lm-0001-glm-indexshare.patch, mlx_lm-0002-serve-any-model.patch"
+APPLY_OP = (
+    "Apply mlx-lm patches mlx_lm-0001-glm-indexshare.patch, mlx_lm-0002-serve-any-model.patch, "
+    "mlx_lm-0003-stop-cancelled-promptly.patch"
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -78,7 +81,7 @@ def test_first_deploy_applies_the_series_and_the_second_changes_nothing(tmp_path
     assert "shares_topk" in v32.read_text()
     record = json.loads((tmp_path / "route" / "state" / "mlx_patches.json").read_text())
     assert record["mlx_lm_version"] == "0.32.2"
-    assert [p["state"] for p in record["patches"]] == ["applied", "applied"]
+    assert [(p["name"], p["state"]) for p in record["patches"]] == [(n, "applied") for n in PATCHES]
 
     proc, changed = run(tmp_path)
     assert proc.returncode == 0, proc.stderr
