@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1500)]
 REPO = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 VERIFY_ROW = "Verify the route with the host suite"
+# The host suite (trust gates included) and the probes run in full on the
+# first deploy; later runs skip them to keep the suite's time in bounds.
+NO_VERIFY = ("--data", "verify_enabled=False")
 
 
 def deploy(*args: str, inventory: str = "inventory.py", timeout: int = 1200):
@@ -54,35 +58,47 @@ def supervisorctl(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def first_run():
-    result, log = deploy()
+    started = time.time()
+    result, log = deploy("--data", "bench_enabled=True")
     assert result.returncode == 0, log[-6000:]
-    return log
+    return log, started
 
 
 def test_deploy_brings_up_a_route_the_host_suite_passes(first_run):
-    rows = results_table(first_run)
+    log, _ = first_run
+    rows = results_table(log)
     verify = [name for name in rows if name.startswith(VERIFY_ROW)]
-    assert verify, first_run[-3000:]
+    assert verify, log[-3000:]
     assert rows[verify[0]][1] == "-", "the host suite failed"
-    assert re.search(r"\b\d+ passed\b", first_run), first_run[-3000:]
-    assert "failed" not in re.findall(r"\d+ (passed|failed)", first_run)
+    assert re.search(r"\b\d+ passed\b", log), log[-3000:]
+    assert "failed" not in re.findall(r"\d+ (passed|failed)", log)
+
+
+def test_first_deploy_writes_a_probe_report_with_plots(first_run):
+    _, started = first_run
+    reports = [path for path in (REPO / "reports" / "_local").glob("*/report.json")
+               if path.stat().st_mtime >= started]
+    assert len(reports) == 1, reports
+    folder = reports[0].parent
+    report = json.loads(reports[0].read_text())
+    assert report["probes"], report
+    pngs = list(folder.glob("*.png"))
+    assert len(pngs) >= 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert "report.md" in {p.name for p in folder.iterdir()}
 
 
 def test_second_run_reports_no_changes(first_run):
-    result, log = deploy()
+    result, log = deploy(*NO_VERIFY)
     assert result.returncode == 0, log[-6000:]
     rows = results_table(log)
     assert rows, log[-3000:]
-    changed = {
-        name: row for name, row in rows.items()
-        if row[0] not in ("-", "0") and not name.startswith(VERIFY_ROW)
-    }
+    changed = {name: row for name, row in rows.items() if row[0] not in ("-", "0")}
     assert changed == {}, f"a re-run changed something: {changed}"
 
 
 def test_changed_server_flag_restarts_only_the_server(first_run):
     server_before, proxy_before = supervisorctl("pid", "server"), supervisorctl("pid", "proxy")
-    result, log = deploy("--data", 'server_extra_args=["--prefill-step-size", "512"]')
+    result, log = deploy("--data", 'server_extra_args=["--prefill-step-size", "512"]', *NO_VERIFY)
     assert result.returncode == 0, log[-6000:]
     assert supervisorctl("pid", "server") != server_before
     assert supervisorctl("pid", "proxy") == proxy_before
@@ -90,7 +106,7 @@ def test_changed_server_flag_restarts_only_the_server(first_run):
                      if name.startswith("Start the proxy |") and row[0] != "-"]
     assert proxy_changes == []
     # back to the defaults: the server restarts once more, the proxy stays
-    result, log = deploy()
+    result, log = deploy(*NO_VERIFY)
     assert result.returncode == 0, log[-6000:]
     assert supervisorctl("pid", "proxy") == proxy_before
 
