@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -455,7 +456,7 @@ class Proxy:
             raise UpstreamDown(f"cannot reach {self.upstream}: {e or type(e).__name__}") from e
         if resp.status != 200:
             raw = await resp.read()
-            resp.close()
+            resp.release()
             if resp.status >= 500 or b"generation thread died" in raw:
                 self.metrics.upstream_error(f"status_{resp.status}")
                 raise UpstreamDown(f"upstream answered {resp.status}: "
@@ -493,13 +494,13 @@ class Proxy:
                 await out.write(b"".join(self.rename_event(e, name) for e in events))
             if buf.strip():
                 await out.write(self.rename_event(buf, name))
-            await out.write_eof()
-            return out
         except BaseException:
             reset(resp)
-            raise
-        finally:
             resp.close()
+            raise
+        resp.release()  # back to the pool when read to the end (aiohttp closes it otherwise)
+        await out.write_eof()
+        return out
 
     def rename_event(self, event: bytes, name: str) -> bytes:
         if event.startswith(b"data: {"):
@@ -526,9 +527,9 @@ class Proxy:
             raw = await resp.read()
         except BaseException:
             reset(resp)
-            raise
-        finally:
             resp.close()
+            raise
+        resp.release()
         self.mark_ok()
         try:
             reply = json.loads(raw)
@@ -559,11 +560,17 @@ class Proxy:
                     self.last_ok = self.now()
                 if done:
                     break
+            if done and not resp.content.is_eof():
+                # The end of the HTTP body follows [DONE] at once; reading it
+                # keeps the upstream connection reusable (a new one costs more).
+                with contextlib.suppress(asyncio.TimeoutError):
+                    async with deadline(1.0):
+                        await resp.content.read()
         except BaseException:
             reset(resp)
-            raise
-        finally:
             resp.close()
+            raise
+        resp.release()
         if not done:
             self.metrics.upstream_error("broken_stream")
             raise ClientError("the upstream stream ended before [DONE]")
