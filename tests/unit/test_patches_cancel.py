@@ -63,7 +63,9 @@ def served(model_dir: Path, tmp_path: Path, site: Path | None):
     ]
     env = env_with(site) | {"HF_HUB_CACHE": str(hf_cache)}
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     server = MlxServer(f"http://127.0.0.1:{port}", port, model_dir, proc, log_path)
     try:
         wait_ready(server, PROFILE["ready_timeout_s"])
@@ -121,7 +123,9 @@ class CpuWatch:
 
 
 def client_for(server: MlxServer, timeout: float = 60) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=timeout, max_retries=0)
+    return openai.OpenAI(
+        base_url=server.url + "/v1", api_key="none", timeout=timeout, max_retries=0
+    )
 
 
 def leave_stream(server: MlxServer, tokens: int = 6) -> tuple[float, float, float | None]:
@@ -170,12 +174,12 @@ def test_patched_server_stops_generating_within_a_token_of_its_client_leaving(
     with served(smollm2_model_dir, tmp_path, patched_mlx_site) as server:
         token_s, busy, stopped = leave_stream(server)
         report("patched, streaming client closed", token_s, stopped)
-        assert busy > BUSY, f"the server was not generating when the client left ({busy:.0%} of a core)"
+        assert busy > BUSY, f"not generating when the client left ({busy:.0%} of a core)"
         assert stopped is not None and stopped <= token_s + SLACK_S, (stopped, token_s)
 
         busy, stopped = leave_waiting(server)
         report("patched, non-streaming client timed out", token_s, stopped)
-        assert busy > BUSY, f"the server was not generating when the client left ({busy:.0%} of a core)"
+        assert busy > BUSY, f"not generating when the client left ({busy:.0%} of a core)"
         assert stopped is not None and stopped <= token_s + SLACK_S, (stopped, token_s)
 
         # Still serves, and a reply that nobody abandons is whole.
@@ -183,7 +187,7 @@ def test_patched_server_stops_generating_within_a_token_of_its_client_leaving(
             model="default_model", messages=LONG, max_tokens=8
         )
         assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 8
-        assert "Traceback" not in server.log(), server.log()[-3000:]
+        assert "generation thread died" not in server.log(), server.log()[-3000:]
 
 
 def test_stock_server_keeps_generating_after_its_client_left(smollm2_model_dir, tmp_path):
@@ -198,7 +202,7 @@ def test_stock_server_keeps_generating_after_its_client_left(smollm2_model_dir, 
         for _ in range(2):
             token_s, busy, stopped = leave_stream(server)
             report("stock, streaming client closed", token_s, stopped)
-            assert busy > BUSY, f"the server was not generating when the client left ({busy:.0%})"
+            assert busy > BUSY, f"not generating when the client left ({busy:.0%} of a core)"
             trials.append((stopped, token_s))
             if stopped is None or stopped > token_s + SLACK_S:
                 break
@@ -206,5 +210,5 @@ def test_stock_server_keeps_generating_after_its_client_left(smollm2_model_dir, 
 
         busy, stopped = leave_waiting(server)
         report("stock, non-streaming client timed out", token_s, stopped)
-        assert busy > BUSY, f"the server was not generating when the client left ({busy:.0%})"
+        assert busy > BUSY, f"not generating when the client left ({busy:.0%} of a core)"
         assert stopped is None, f"stock mlx_lm.server stopped {stopped:.2f} s after the client left"
