@@ -39,13 +39,15 @@ import math
 import os
 import signal
 import socket
+import ssl
 import stat
 import struct
 import sys
 import time
+import urllib.parse
 from collections import deque
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, web
+from aiohttp import ClientError, web
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
@@ -245,32 +247,30 @@ class Proxy:
         self.upstream = args.upstream.rstrip("/")
         self.gate = Gate(args.concurrency, args.queue)
         self.metrics = Metrics()
-        self.session: ClientSession | None = None
+        self.pool = Upstream(args.upstream, args.connect_timeout_s, keep=args.concurrency + 2)
         self.ready = False
         self.last_ok = -math.inf  # loop time of the last proof of readiness
         self.last_problem = "not probed yet"
         self.probe_task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.recover_task: asyncio.Task | None = None
 
     # -- lifecycle ----------------------------------------------------------
 
     async def start(self, app: web.Application) -> None:
-        self.session = ClientSession(
-            connector=TCPConnector(limit=0), cookie_jar=DummyCookieJar(),
-            timeout=ClientTimeout(total=None, sock_connect=self.args.connect_timeout_s),
-            auto_decompress=False)
+        self.loop = asyncio.get_running_loop()
         self.mark_down("not probed yet")
 
     async def stop(self, app: web.Application) -> None:
         for task in (self.probe_task, self.recover_task):
             if task is not None:
                 task.cancel()
-        await self.session.close()
+        self.pool.close()
 
     # -- readiness ----------------------------------------------------------
 
     def now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return self.loop.time()
 
     def mark_ok(self) -> None:
         self.ready = True
@@ -299,33 +299,35 @@ class Proxy:
         return asyncio.shield(self.probe_task)
 
     async def _probe(self) -> bool:
-        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
-                "stream": True}
+        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                           "stream": True}).encode()
+        conn = None
         try:
             async with deadline(self.args.probe_timeout_s):
-                async with self.session.post(self.upstream + "/v1/chat/completions",
-                                             json=body) as resp:
-                    if resp.status != 200:
-                        text = (await resp.read())[:200].decode("utf-8", "replace")
-                        self.metrics.upstream_error("probe")
-                        self.last_problem = f"probe answered {resp.status}: {text}"
-                        if resp.status >= 500 or "generation thread died" in text:
-                            self.ready = False
-                        return False
-                    # Read to the end: leaving early makes the server log a
-                    # broken pipe for every probe.
-                    token = False
-                    async for line in resp.content:
-                        token = token or line.startswith(b"data: {")
-                    if token:
-                        self.mark_ok()
-                        return True
-                    self.last_problem = "probe stream ended without a token"
+                conn = await self.pool.post("/v1/chat/completions", body, wait_head=False)
+                # Read to the end: leaving early makes the server log a
+                # broken pipe for every probe.
+                raw = await conn.read_all()
+                self.pool.release(conn)
+                if conn.status != 200:
+                    text = raw[:200].decode("utf-8", "replace")
+                    self.metrics.upstream_error("probe")
+                    self.last_problem = f"probe answered {conn.status}: {text}"
+                    if conn.status >= 500 or "generation thread died" in text:
+                        self.ready = False
+                    return False
+                if raw.startswith(b"data: {") or b"\ndata: {" in raw:
+                    self.mark_ok()
+                    return True
+                self.last_problem = "probe stream ended without a token"
         except asyncio.TimeoutError:
             self.last_problem = (f"no token within {self.args.probe_timeout_s:g} s "
                                  f"(model still loading?)")
-        except (ClientError, OSError) as e:
+        except OSError as e:
             self.last_problem = f"cannot reach {self.upstream}: {e or type(e).__name__}"
+        finally:
+            if conn is not None and not conn.done:
+                conn.abort()
         self.metrics.upstream_error("probe")
         return False
 
@@ -373,8 +375,11 @@ class Proxy:
         if (request.content_length or 0) > self.args.max_body_bytes:
             return self.too_large()
         try:
-            async with deadline(self.args.body_timeout_s):
+            if request.content.is_eof():  # the body came with the headers: no timer needed
                 raw = await request.read()
+            else:
+                async with deadline(self.args.body_timeout_s):
+                    raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self.too_large()
         except asyncio.TimeoutError:
@@ -449,22 +454,50 @@ class Proxy:
     async def open_upstream(self, path: str, body: dict):
         """POST to the upstream; UpstreamDown when it cannot take the request."""
         try:
-            resp = await self.session.post(self.upstream + path, data=json.dumps(body).encode(),
-                                           headers={"Content-Type": "application/json"})
-        except (ClientError, OSError) as e:
+            conn = await self.pool.post(path, json.dumps(body).encode())
+        except OSError as e:
             self.metrics.upstream_error("connect")
             raise UpstreamDown(f"cannot reach {self.upstream}: {e or type(e).__name__}") from e
-        if resp.status != 200:
-            raw = await resp.read()
-            resp.release()
-            if resp.status >= 500 or b"generation thread died" in raw:
-                self.metrics.upstream_error(f"status_{resp.status}")
-                raise UpstreamDown(f"upstream answered {resp.status}: "
+        if conn.status != 200:
+            try:
+                raw = await conn.read_all()
+            except BaseException:
+                conn.abort()
+                raise
+            self.pool.release(conn)
+            if conn.status >= 500 or b"generation thread died" in raw:
+                self.metrics.upstream_error(f"status_{conn.status}")
+                raise UpstreamDown(f"upstream answered {conn.status}: "
                                    f"{raw[:200].decode('utf-8', 'replace')}")
-            return resp, raw
-        return resp, None
+            return conn, raw
+        return conn, None
 
-    def passthrough_error(self, path: str, resp, raw: bytes) -> web.Response:
+    async def exchange(self, path: str, body: dict, on_body=None):
+        """POST and read the whole answer, waking once; UpstreamDown as open_upstream."""
+        conn = None
+        try:
+            conn = await self.pool.post(path, json.dumps(body).encode(), wait_head=False)
+            raw = await conn.read_all(on_body)
+        except OSError as e:
+            if conn is None or conn.status == 0:  # no answer at all: as a failed connect
+                if conn is not None:
+                    conn.abort()
+                self.metrics.upstream_error("connect")
+                raise UpstreamDown(f"cannot reach {self.upstream}: {e or type(e).__name__}") from e
+            conn.abort(reset=True)
+            raise
+        except BaseException:
+            if conn is not None:
+                conn.abort(reset=True)
+            raise
+        self.pool.release(conn)
+        if conn.status != 200 and (conn.status >= 500 or b"generation thread died" in raw):
+            self.metrics.upstream_error(f"status_{conn.status}")
+            raise UpstreamDown(f"upstream answered {conn.status}: "
+                               f"{raw[:200].decode('utf-8', 'replace')}")
+        return conn, raw
+
+    def passthrough_error(self, path: str, resp: UpstreamConnection, raw: bytes) -> web.Response:
         try:
             payload = json.loads(raw)
             if isinstance(payload, dict) and isinstance(payload.get("error"), str):
@@ -483,53 +516,35 @@ class Proxy:
             out = web.StreamResponse(status=200, headers=SSE_HEADERS)
             await out.prepare(request)
             request["sse"] = out
-            buf = b""
-            async for data in resp.content.iter_any():
+            buf = tail = b""
+            field = b'"model": ' + json.dumps(name).encode()
+            while data := await resp.read_some():
+                if b"data: {" in data:  # tokens are coming: the upstream is healthy
+                    self.last_ok = self.now()
                 buf += data
                 if b"\n\n" not in buf:
                     if b"\r\n\r\n" not in buf:
                         continue
                     buf = buf.replace(b"\r\n", b"\n")
                 *events, buf = buf.split(b"\n\n")
-                await out.write(b"".join(self.rename_event(e, name) for e in events))
+                renamed = b"".join([rename_event(e, name, field) for e in events])
+                if resp.done:  # the last events go out with the end of our stream: one send
+                    tail = renamed
+                    break
+                await out.write(renamed)
             if buf.strip():
-                await out.write(self.rename_event(buf, name))
+                tail += rename_event(buf, name, field)
         except BaseException:
-            reset(resp)
-            resp.close()
+            resp.abort(reset=True)
             raise
-        resp.release()  # back to the pool when read to the end (aiohttp closes it otherwise)
-        await out.write_eof()
+        self.pool.release(resp)
+        await out.write_eof(tail)
         return out
 
-    def rename_event(self, event: bytes, name: str) -> bytes:
-        if event.startswith(b"data: {"):
-            self.last_ok = self.now()
-            # Fast path, byte-exact: mlx_lm.server echoes "default_model" when
-            # the request names no model (we strip it), as json.dumps writes it.
-            if event.count(b'"model": "default_model"') == 1:
-                renamed = b'"model": ' + json.dumps(name).encode()
-                return event.replace(b'"model": "default_model"', renamed) + b"\n\n"
-            try:
-                chunk = json.loads(event[6:])
-            except ValueError:
-                return event + b"\n\n"
-            if isinstance(chunk, dict) and "model" in chunk:
-                chunk["model"] = name
-            return b"data: " + json.dumps(chunk).encode() + b"\n\n"
-        return event + b"\n\n"
-
     async def forward_plain(self, path, body, name) -> web.Response:
-        resp, raw = await self.open_upstream(path, body)
-        if raw is not None:
+        resp, raw = await self.exchange(path, body)
+        if resp.status != 200:
             return self.passthrough_error(path, resp, raw)
-        try:
-            raw = await resp.read()
-        except BaseException:
-            reset(resp)
-            resp.close()
-            raise
-        resp.release()
         self.mark_ok()
         try:
             reply = json.loads(raw)
@@ -542,35 +557,21 @@ class Proxy:
     async def forward_assembled(self, path, body, name) -> web.Response:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        resp, raw = await self.open_upstream(path, body)
-        if raw is not None:
+        def progress(piece: bytes) -> None:
+            if b"data: {" in piece:  # tokens are coming: the upstream is healthy
+                self.last_ok = self.now()
+
+        resp, raw = await self.exchange(path, body, progress)
+        if resp.status != 200:
             return self.passthrough_error(path, resp, raw)
         chunks = []
         done = False
-        buf = b""
-        try:
-            async for data in resp.content.iter_any():
-                *lines, buf = (buf + data).split(b"\n")
-                for line in lines:
-                    if line.startswith(b"data: {"):
-                        chunks.append(json.loads(line[6:]))
-                    elif line.startswith(b"data: [DONE]"):
-                        done = True
-                if chunks:
-                    self.last_ok = self.now()
-                if done:
-                    break
-            if done and not resp.content.is_eof():
-                # The end of the HTTP body follows [DONE] at once; reading it
-                # keeps the upstream connection reusable (a new one costs more).
-                with contextlib.suppress(asyncio.TimeoutError):
-                    async with deadline(1.0):
-                        await resp.content.read()
-        except BaseException:
-            reset(resp)
-            resp.close()
-            raise
-        resp.release()
+        for line in raw.split(b"\n"):
+            if line.startswith(b"data: {"):
+                chunks.append(json.loads(line[6:]))
+            elif line.startswith(b"data: [DONE]"):
+                done = True
+                break
         if not done:
             self.metrics.upstream_error("broken_stream")
             raise ClientError("the upstream stream ended before [DONE]")
@@ -640,6 +641,394 @@ class Proxy:
 
 
 # ---------------------------------------------------------------------------
+# Upstream client
+# ---------------------------------------------------------------------------
+#
+# Why not aiohttp's ClientSession: measured under bench/proxy_bench.py it cost
+# about as much CPU per request as everything else in the proxy together (its
+# request object, timers and a task wake-up for every piece of a streamed
+# answer), enough to miss the added-latency target. The proxy needs one thing
+# of it: POST a JSON body over a kept-alive HTTP/1.1 connection and read an
+# answer framed by Content-Length, chunked encoding, or the end of the
+# connection (mlx_lm.server 0.32.2 speaks HTTP/1.0 and closes after each answer).
+
+MAX_HEAD_BYTES = 64 * 1024
+# An idle connection is reused only this soon: a server that closes idle
+# connections (aiohttp and nginx after 75 s, uvicorn after 5 s) could close one
+# just as a request goes out on it, and a generation request is not retried.
+KEEP_IDLE_S = 2.0
+HIGH_WATER = 1 << 20  # body bytes held for a slow reader before reading pauses
+
+
+class UpstreamError(ConnectionError):
+    """The upstream connection failed, or its answer broke off or was not HTTP/1.x."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to the upstream, one exchange at a time.
+
+    `await read_head()`, then either `await read_some()` until it returns b""
+    (a streamed answer, each piece as it arrives) or `await read_all()` (one
+    wake-up for the whole answer). `done` says the answer is complete and
+    taken; `reusable` that the connection may carry the next request.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.waiter: asyncio.Future | None = None
+        self.idle_since = 0.0
+        self.exchange_reset()
+
+    def exchange_reset(self) -> None:
+        self.buf = bytearray()        # received, not parsed yet
+        self.body: list[bytes] = []   # decoded body, not taken yet
+        self.body_size = 0
+        self.in_head = True
+        self.status = 0
+        self.keep_alive = False
+        self.framing = ""             # "length", "chunked" or "close"
+        self.remaining = 0            # bytes left in the body (length) or this chunk
+        self.chunk_state = "size"     # size, data, crlf, trailer
+        self.complete = False
+        self.error: BaseException | None = None
+        self.want = "head"            # what wakes the reader: head, some, all
+        self.on_body = None           # called with each decoded piece (read_all)
+        self.paused = False
+        self.busy = False             # a request is out and its answer not complete
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if not self.busy or self.complete or self.error is not None:
+            if data:  # bytes nobody asked for: the connection is not in a known state
+                self.closed = True
+                self.transport.abort()
+            return
+        self.buf += data
+        try:
+            self.parse()
+        except UpstreamError as e:
+            self.fail(e)
+            return
+        self.wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self.finish_at_close()
+        return False  # close our side too
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.finish_at_close(exc)
+
+    def finish_at_close(self, exc=None) -> None:
+        if self.complete or self.error is not None:
+            return
+        if not self.in_head and self.framing == "close" and exc is None:
+            self.complete = True
+        else:
+            why = f": {exc}" if exc else ""
+            where = "before answering" if self.in_head else "in the middle of its answer"
+            self.error = UpstreamError(f"upstream closed the connection {where}{why}")
+        self.wake(force=True)
+
+    # -- parsing ------------------------------------------------------------
+
+    def parse(self) -> None:
+        buf = self.buf
+        while self.in_head:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD_BYTES:
+                    raise UpstreamError(f"upstream sent over {MAX_HEAD_BYTES} bytes of headers")
+                return
+            lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+            del buf[:end + 4]
+            version, _, rest = lines[0].partition(" ")
+            code = rest[:3]
+            if not version.startswith("HTTP/1.") or not code.isdigit():
+                raise UpstreamError(f"upstream answered {lines[0][:80]!r}, not HTTP/1.x")
+            status = int(code)
+            if 100 <= status < 200:
+                continue  # an interim answer (100 Continue): the real one follows
+            headers = {}
+            for line in lines[1:]:
+                name, sep, value = line.partition(":")
+                if not sep:
+                    raise UpstreamError(f"upstream sent a bad header line {line[:80]!r}")
+                headers[name.strip().lower()] = value.strip()
+            self.status, self.in_head = status, False
+            self.keep_alive = (version == "HTTP/1.1"
+                               and "close" not in headers.get("connection", "").lower())
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                self.framing = "chunked"
+            elif "content-length" in headers:
+                try:
+                    self.remaining = int(headers["content-length"])
+                except ValueError:
+                    raise UpstreamError("upstream sent a bad Content-Length") from None
+                self.framing = "length"
+                if self.remaining <= 0 or status in (204, 304):
+                    self.complete = True
+            elif status in (204, 304):
+                self.complete = True
+            else:
+                self.framing, self.keep_alive = "close", False
+        if self.complete:
+            return
+        if self.framing == "length":
+            if buf:
+                piece = bytes(buf[:self.remaining])
+                del buf[:len(piece)]
+                self.remaining -= len(piece)
+                self.take(piece)
+                if self.remaining == 0:
+                    self.complete = True
+        elif self.framing == "close":
+            if buf:
+                self.take(bytes(buf))
+                buf.clear()
+        else:
+            self.parse_chunks(buf)
+
+    def parse_chunks(self, buf: bytearray) -> None:
+        data = bytes(buf)  # walked with an index; what is left stays in buf
+        pos, end = 0, len(data)
+        state, remaining = self.chunk_state, self.remaining
+        try:
+            while pos < end:
+                if state == "data":
+                    stop = min(end, pos + remaining)
+                    self.take(data[pos:stop])
+                    remaining -= stop - pos
+                    pos = stop
+                    if remaining:
+                        return
+                    state = "crlf"
+                elif state == "crlf":
+                    if end - pos < 2:
+                        return
+                    if data[pos:pos + 2] != b"\r\n":
+                        raise UpstreamError("upstream chunked encoding is broken")
+                    pos += 2
+                    state = "size"
+                else:  # "size" or "trailer": one line
+                    eol = data.find(b"\r\n", pos)
+                    if eol < 0:
+                        if end - pos > MAX_HEAD_BYTES:
+                            raise UpstreamError("upstream chunked encoding is broken")
+                        return
+                    line = data[pos:eol]
+                    pos = eol + 2
+                    if state == "trailer":
+                        if not line:
+                            self.complete = True
+                            return
+                        continue
+                    try:
+                        size = int(line.split(b";", 1)[0], 16)
+                    except ValueError:
+                        size = -1
+                    if size < 0:
+                        raise UpstreamError("upstream chunked encoding is broken")
+                    if size == 0:
+                        state = "trailer"
+                    else:
+                        remaining, state = size, "data"
+        finally:
+            self.chunk_state, self.remaining = state, remaining
+            del buf[:pos]
+
+    def take(self, piece: bytes) -> None:
+        if not piece:
+            return
+        self.body.append(piece)
+        self.body_size += len(piece)
+        if self.on_body is not None:
+            self.on_body(piece)
+        if self.want == "some" and self.body_size > HIGH_WATER and not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.closed = True
+        self.transport.abort()
+        self.wake(force=True)
+
+    def wake(self, force: bool = False) -> None:
+        waiter = self.waiter
+        if waiter is None or waiter.done():
+            return
+        want = self.want
+        if (force or self.complete or self.error is not None
+                or (want == "head" and not self.in_head)
+                or (want == "some" and self.body)):
+            waiter.set_result(None)
+
+    # -- reading ------------------------------------------------------------
+
+    async def wait(self, want: str) -> None:
+        self.want = want
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    async def read_head(self) -> int:
+        while self.in_head:
+            if self.error is not None:
+                raise self.error
+            await self.wait("head")
+        return self.status
+
+    async def read_some(self) -> bytes:
+        """Body bytes received so far (waits for some); b"" once the body is complete."""
+        while not self.body:
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return b""
+            await self.wait("some")
+        data = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+        self.body.clear()
+        self.body_size = 0
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def read_all(self, on_body=None) -> bytes:
+        """The whole body, waking once; on_body sees each piece as it arrives."""
+        if on_body is not None:
+            for piece in self.body:
+                on_body(piece)
+            self.on_body = on_body
+        try:
+            while not self.complete:
+                if self.error is not None:
+                    raise self.error
+                await self.wait("all")
+        finally:
+            self.on_body = None
+        if self.error is not None:
+            raise self.error
+        data = b"".join(self.body)
+        self.body.clear()
+        return data
+
+    @property
+    def done(self) -> bool:
+        return self.complete and not self.body
+
+    @property
+    def reusable(self) -> bool:
+        return (self.complete and self.keep_alive and not self.closed and not self.buf
+                and self.error is None)
+
+    def abort(self, reset: bool = False) -> None:
+        """Close now; with reset, by a TCP reset rather than a FIN.
+
+        After a FIN the server's next write still succeeds (the reset only
+        comes back as its answer), so mlx_lm.server would generate one more
+        token before a write fails; after a reset its very next write fails.
+        """
+        self.closed = True
+        if self.transport is None:
+            return
+        if reset:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+
+class Upstream:
+    """Kept-alive connections to one upstream base URL."""
+
+    def __init__(self, base_url: str, connect_timeout_s: float, keep: int):
+        url = urllib.parse.urlsplit(base_url)
+        self.host = url.hostname or "127.0.0.1"
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.ssl = ssl.create_default_context() if url.scheme == "https" else None
+        self.prefix = url.path.rstrip("/")
+        host_header = self.host if ":" not in self.host else f"[{self.host}]"
+        if url.port:
+            host_header += f":{url.port}"
+        self.head_template = ("POST {path} HTTP/1.1\r\nHost: " + host_header
+                              + "\r\nContent-Type: application/json\r\n"
+                                "Content-Length: {length}\r\n\r\n")
+        self.connect_timeout_s = connect_timeout_s
+        self.keep = keep
+        self.idle: list[UpstreamConnection] = []
+
+    async def post(self, path: str, body: bytes, wait_head: bool = True) -> UpstreamConnection:
+        """Send the request; returns once the status and headers are in (or at
+        once, for a caller that waits for the whole answer with read_all).
+
+        UpstreamError when no connection can be made or it breaks before the
+        headers (a request is never sent twice: the server may have started it).
+        """
+        conn = None
+        fresh_after = asyncio.get_running_loop().time() - KEEP_IDLE_S
+        while self.idle:
+            candidate = self.idle.pop()
+            if not candidate.closed and candidate.idle_since > fresh_after:
+                conn = candidate
+                break
+            candidate.abort()
+        if conn is None:
+            conn = await self.connect()
+        conn.exchange_reset()
+        conn.busy = True
+        head = self.head_template.format(path=self.prefix + path, length=len(body))
+        conn.transport.write(head.encode("latin-1") + body)
+        if not wait_head:
+            return conn
+        try:
+            await conn.read_head()
+        except BaseException:
+            conn.abort()
+            raise
+        return conn
+
+    async def connect(self) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with deadline(self.connect_timeout_s):
+                _, conn = await loop.create_connection(
+                    lambda: UpstreamConnection(loop), self.host, self.port, ssl=self.ssl,
+                    server_hostname=self.host if self.ssl else None)
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"no connection within {self.connect_timeout_s:g} s") from None
+        except OSError as e:  # asyncio words it "Connect call failed (address)"
+            why = os.strerror(e.errno) if e.errno else str(e) or type(e).__name__
+            raise UpstreamError(f"{why} ({self.host}:{self.port})") from e
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Keep the connection for the next request when it can carry one, else close it."""
+        if conn.reusable and len(self.idle) < self.keep:
+            conn.busy = False  # its answer stays readable; the next post() starts afresh
+            conn.idle_since = conn.loop.time()
+            self.idle.append(conn)
+        else:
+            conn.abort()
+
+    def close(self) -> None:
+        for conn in self.idle:
+            conn.abort()
+        self.idle.clear()
+
+
+# ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
 
@@ -696,6 +1085,23 @@ def assemble(chunks: list[dict], name: str) -> dict:
     return reply
 
 
+def rename_event(event: bytes, name: str, field: bytes) -> bytes:
+    """One SSE event with the model renamed; field is `"model": <name as JSON>`."""
+    if event.startswith(b"data: {"):
+        # Fast path, byte-exact: mlx_lm.server echoes "default_model" when
+        # the request names no model (we strip it), as json.dumps writes it.
+        if event.count(b'"model": "default_model"') == 1:
+            return event.replace(b'"model": "default_model"', field) + b"\n\n"
+        try:
+            chunk = json.loads(event[6:])
+        except ValueError:
+            return event + b"\n\n"
+        if isinstance(chunk, dict) and "model" in chunk:
+            chunk["model"] = name
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    return event + b"\n\n"
+
+
 def merge_delta(message: dict, delta: dict) -> None:
     for key, value in delta.items():
         if key in CONCATENATED and isinstance(value, str):
@@ -734,22 +1140,6 @@ async def sse_error(out: web.StreamResponse, message: str, kind: str) -> None:
     except (ConnectionResetError, OSError):
         pass
 
-
-def reset(resp) -> None:
-    """Close the upstream connection with a TCP reset rather than a FIN.
-
-    After a FIN the server's next write still succeeds (the reset only comes
-    back as its answer), so mlx_lm.server would generate one more token before
-    a write fails; after a reset its very next write fails.
-    """
-    conn = resp.connection
-    transport = conn.transport if conn is not None else None
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
 
 
 def is_loopback(host: str) -> bool:

@@ -1,0 +1,186 @@
+"""files/proxy.py's own HTTP/1.1 upstream client: framing, errors, reuse.
+
+The parser is fed answers cut at every byte (a real socket may split them
+anywhere); the reuse and reset promises run against real sockets on 127.0.0.1.
+The stand-in and real-server suites (test_proxy_stub.py, test_proxy_mlx.py)
+cover the same client end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(30)
+
+spec = importlib.util.spec_from_file_location(
+    "proxy_client_under_test", Path(__file__).resolve().parents[2] / "files/proxy.py")
+proxy = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(proxy)
+
+CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\n"
+           b"e\r\ndata: {\"a\": 1}\r\n"
+           b"7;ext=1\r\n\n\ndata:\r\n"
+           b"9\r\n [DONE]\n\n\r\n"
+           b"0\r\nX-Trailer: t\r\n\r\n")
+CHUNKED_BODY = b"data: {\"a\": 1}\n\ndata: [DONE]\n\n"
+
+
+class Transport:
+    def __init__(self):
+        self.aborted = self.paused = False
+
+    def abort(self):
+        self.aborted = True
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+    def get_extra_info(self, name):
+        return None
+
+
+def feed(answer: bytes, step: int, close: bool = False):
+    """A connection that was sent a request and then received `answer` in `step`-byte reads."""
+    loop = asyncio.new_event_loop()
+    conn = proxy.UpstreamConnection(loop)
+    conn.connection_made(Transport())
+    conn.busy = True
+    body = b""
+    for i in range(0, len(answer), step):
+        conn.data_received(answer[i:i + step])
+        body += b"".join(conn.body)
+        conn.body.clear()
+    if close:
+        conn.eof_received()
+    loop.close()
+    return conn, body
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
+def test_client_decodes_chunked_answers_cut_anywhere(step):
+    conn, body = feed(CHUNKED, step)
+    assert (conn.status, body, conn.complete, conn.reusable) == (200, CHUNKED_BODY, True, True)
+
+
+@pytest.mark.parametrize("step", [1, 5, 1000])
+def test_client_reads_content_length_answers_and_skips_interim_ones(step):
+    answer = (b"HTTP/1.1 100 Continue\r\n\r\n"
+              b"HTTP/1.1 404 Not Found\r\nContent-Length: 11\r\n\r\n{\"error\":1}")
+    conn, body = feed(answer, step)
+    assert (conn.status, body, conn.complete, conn.reusable) == (404, b'{"error":1}', True, True)
+
+
+def test_client_reads_http10_answers_to_the_close_and_does_not_reuse_them():
+    # mlx_lm.server 0.32.2: BaseHTTPRequestHandler, HTTP/1.0, no Content-Length.
+    conn, body = feed(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n"
+                      b"data: [DONE]\n\n", 4, close=True)
+    assert (body, conn.complete, conn.reusable) == (b"data: [DONE]\n\n", True, False)
+
+
+@pytest.mark.parametrize("answer, problem", [
+    (CHUNKED[:90], "in the middle of its answer"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", "in the middle of its answer"),
+    (b"HTTP/1.1 200 OK\r\nContent-", "before answering"),
+])
+def test_client_says_when_the_upstream_closes_mid_answer(answer, problem):
+    conn, _ = feed(answer, 3, close=True)
+    assert isinstance(conn.error, proxy.UpstreamError) and problem in str(conn.error)
+    assert not conn.reusable
+
+
+@pytest.mark.parametrize("answer, problem", [
+    (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "not HTTP/1.x"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunked encoding"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY", "chunked encoding"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (70 * 1024), "bytes of headers"),
+])
+def test_client_refuses_answers_that_are_not_http(answer, problem):
+    conn, _ = feed(answer, 1000)
+    assert isinstance(conn.error, proxy.UpstreamError) and problem in str(conn.error)
+    assert conn.transport.aborted
+
+
+def test_client_drops_a_connection_that_talks_out_of_turn():
+    conn, _ = feed(CHUNKED, 1000)
+    conn.busy = False  # back in the pool
+    conn.data_received(b"HTTP/1.1 200 OK\r\n")
+    assert conn.closed and conn.transport.aborted
+
+
+class KeepAliveServer:
+    """Answers every request on a connection with a fixed chunked answer; counts connections."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    def answer(self, conn):
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    more = conn.recv(65536)
+                    if not more:
+                        return
+                    data += more
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(data) < length:
+                    data += conn.recv(65536)
+                data = data[length:]
+                conn.sendall(CHUNKED)
+
+
+def test_client_reuses_a_kept_alive_connection():
+    server = KeepAliveServer()
+
+    async def two_requests():
+        pool = proxy.Upstream(f"http://127.0.0.1:{server.port}", 5, keep=2)
+        bodies = []
+        for _ in range(2):
+            conn = await pool.post("/v1/chat/completions", b"{}", wait_head=False)
+            bodies.append(await conn.read_all())
+            pool.release(conn)
+        pool.close()
+        return bodies
+
+    assert asyncio.run(two_requests()) == [CHUNKED_BODY, CHUNKED_BODY]
+    assert server.connections == 1
+    server.sock.close()
+
+
+def test_client_says_it_cannot_connect_to_a_closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens
+
+    async def connect():
+        await proxy.Upstream(f"http://127.0.0.1:{port}", 5, keep=2).post("/x", b"{}")
+
+    with pytest.raises(proxy.UpstreamError, match="refused"):
+        asyncio.run(connect())
