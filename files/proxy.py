@@ -397,8 +397,11 @@ class Proxy:
         name = body.get("model") or self.args.public_name
         if not isinstance(name, str):
             return error(400, "'model' must be a string", "invalid_request_error")
+        untouched = raw  # forwarded as the client wrote it unless a field goes
         for field in STRIPPED_FIELDS:
-            body.pop(field, None)
+            if field in body:
+                del body[field]
+                untouched = None
         if not self.ready:
             return self.unavailable(self.last_problem)
 
@@ -413,7 +416,7 @@ class Proxy:
                                  self.retry_headers())
                 acquired = True
                 if stream:
-                    return await self.forward_stream(request, path, body, name)
+                    return await self.forward_stream(request, path, body, name, untouched)
                 if body.get("logprobs") or (body.get("top_logprobs") or -1) > 0:
                     return await self.forward_plain(path, body, name)
                 return await self.forward_assembled(path, body, name)
@@ -451,10 +454,10 @@ class Proxy:
         return error(413, f"request body over --max-body-bytes {self.args.max_body_bytes}",
                      "invalid_request_error")
 
-    async def open_upstream(self, path: str, body: dict):
+    async def open_upstream(self, path: str, body: dict, raw: bytes | None = None):
         """POST to the upstream; UpstreamDown when it cannot take the request."""
         try:
-            conn = await self.pool.post(path, json.dumps(body).encode())
+            conn = await self.pool.post(path, raw or json.dumps(body).encode())
         except OSError as e:
             self.metrics.upstream_error("connect")
             raise UpstreamDown(f"cannot reach {self.upstream}: {e or type(e).__name__}") from e
@@ -508,8 +511,8 @@ class Proxy:
                                  "type": "upstream_error", "code": resp.status}}
         return web.json_response(payload, status=resp.status)
 
-    async def forward_stream(self, request, path, body, name) -> web.StreamResponse:
-        resp, raw = await self.open_upstream(path, body)
+    async def forward_stream(self, request, path, body, name, untouched=None):
+        resp, raw = await self.open_upstream(path, body, untouched)
         if raw is not None:
             return self.passthrough_error(path, resp, raw)
         try:
@@ -682,7 +685,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange_reset()
 
     def exchange_reset(self) -> None:
-        self.buf = bytearray()        # received, not parsed yet
+        self.buf = b""                # received, not parsed yet
         self.body: list[bytes] = []   # decoded body, not taken yet
         self.body_size = 0
         self.in_head = True
@@ -709,9 +712,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.closed = True
                 self.transport.abort()
             return
-        self.buf += data
         try:
-            self.parse()
+            self.buf = self.parse(self.buf + data if self.buf else data)
         except UpstreamError as e:
             self.fail(e)
             return
@@ -739,16 +741,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- parsing ------------------------------------------------------------
 
-    def parse(self) -> None:
-        buf = self.buf
+    def parse(self, data: bytes) -> bytes:
+        """Parse what came in; returns the bytes that wait for more."""
         while self.in_head:
-            end = buf.find(b"\r\n\r\n")
+            end = data.find(b"\r\n\r\n")
             if end < 0:
-                if len(buf) > MAX_HEAD_BYTES:
+                if len(data) > MAX_HEAD_BYTES:
                     raise UpstreamError(f"upstream sent over {MAX_HEAD_BYTES} bytes of headers")
-                return
-            lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-            del buf[:end + 4]
+                return data
+            lines = data[:end].decode("latin-1").split("\r\n")
+            data = data[end + 4:]
             version, _, rest = lines[0].partition(" ")
             code = rest[:3]
             if not version.startswith("HTTP/1.") or not code.isdigit():
@@ -779,40 +781,36 @@ class UpstreamConnection(asyncio.Protocol):
                 self.complete = True
             else:
                 self.framing, self.keep_alive = "close", False
-        if self.complete:
-            return
+        if self.complete or not data:
+            return data
+        if self.framing == "chunked":
+            return self.parse_chunks(data)
         if self.framing == "length":
-            if buf:
-                piece = bytes(buf[:self.remaining])
-                del buf[:len(piece)]
-                self.remaining -= len(piece)
-                self.take(piece)
-                if self.remaining == 0:
-                    self.complete = True
-        elif self.framing == "close":
-            if buf:
-                self.take(bytes(buf))
-                buf.clear()
+            piece, data = data[:self.remaining], data[self.remaining:]
+            self.remaining -= len(piece)
+            self.complete = self.remaining == 0
         else:
-            self.parse_chunks(buf)
+            piece, data = data, b""
+        self.take(piece)
+        return data
 
-    def parse_chunks(self, buf: bytearray) -> None:
-        data = bytes(buf)  # walked with an index; what is left stays in buf
+    def parse_chunks(self, data: bytes) -> bytes:
         pos, end = 0, len(data)
         state, remaining = self.chunk_state, self.remaining
+        pieces = []
         try:
             while pos < end:
                 if state == "data":
                     stop = min(end, pos + remaining)
-                    self.take(data[pos:stop])
+                    pieces.append(data[pos:stop])
                     remaining -= stop - pos
                     pos = stop
                     if remaining:
-                        return
+                        break
                     state = "crlf"
                 elif state == "crlf":
                     if end - pos < 2:
-                        return
+                        break
                     if data[pos:pos + 2] != b"\r\n":
                         raise UpstreamError("upstream chunked encoding is broken")
                     pos += 2
@@ -822,13 +820,13 @@ class UpstreamConnection(asyncio.Protocol):
                     if eol < 0:
                         if end - pos > MAX_HEAD_BYTES:
                             raise UpstreamError("upstream chunked encoding is broken")
-                        return
+                        break
                     line = data[pos:eol]
                     pos = eol + 2
                     if state == "trailer":
                         if not line:
                             self.complete = True
-                            return
+                            break
                         continue
                     try:
                         size = int(line.split(b";", 1)[0], 16)
@@ -842,7 +840,9 @@ class UpstreamConnection(asyncio.Protocol):
                         remaining, state = size, "data"
         finally:
             self.chunk_state, self.remaining = state, remaining
-            del buf[:pos]
+            if pieces:
+                self.take(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        return data[pos:]
 
     def take(self, piece: bytes) -> None:
         if not piece:
