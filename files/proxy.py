@@ -1210,7 +1210,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     key = read_key(args.api_key_file) if args.api_key_file else None
-    try:  # optional: a faster event loop, about a third less CPU per request
+    try:  # in the host lock (requirements/host.in); without it ~0.05 ms more per request
         import uvloop
         return uvloop.run(serve(args, key))
     except ImportError:
