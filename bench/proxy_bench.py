@@ -100,43 +100,61 @@ class Bench:
             proxy.append(await self.one(session, self.proxy, body))
         return direct, proxy
 
-    async def throughput(self, session, base, clients) -> dict:
+    async def throughput(self, session, clients) -> tuple[dict, dict]:
+        """Direct and proxy in alternating slices (--rounds of each), so that load
+        from elsewhere on the machine, which comes and goes, falls on both alike."""
         body = self.body()
-        done, errors = 0, 0
-        end = time.monotonic() + self.args.phase_s
-        limit = self.args.max_requests
+        slice_s = self.args.phase_s / self.args.rounds
+        limit = self.args.max_requests // self.args.rounds
+        totals = {base: {"requests": 0, "errors": 0, "seconds": 0.0}
+                  for base in (self.direct, self.proxy)}
 
-        async def client():
-            nonlocal done, errors
-            while time.monotonic() < end and done + errors < limit:
-                try:
-                    await self.one(session, base, body)
-                    done += 1
-                except (AssertionError, aiohttp.ClientError):
-                    errors += 1
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        elapsed = time.perf_counter() - t0
-        return {"requests": done, "errors": errors, "seconds": round(elapsed, 3),
-                "rps": round(done / elapsed, 1)}
+        async def one_slice(base):
+            done, errors = 0, 0
+            end = time.monotonic() + slice_s
 
-    async def first_byte(self, session, base, n) -> list[float]:
+            async def client():
+                nonlocal done, errors
+                while time.monotonic() < end and done + errors < limit:
+                    try:
+                        await self.one(session, base, body)
+                        done += 1
+                    except (AssertionError, aiohttp.ClientError):
+                        errors += 1
+            t0 = time.perf_counter()
+            await asyncio.gather(*(client() for _ in range(clients)))
+            total = totals[base]
+            total["requests"] += done
+            total["errors"] += errors
+            total["seconds"] += time.perf_counter() - t0
+
+        for _ in range(self.args.rounds):
+            await one_slice(self.direct)
+            await one_slice(self.proxy)
+        for total in totals.values():
+            total["rps"] = round(total["requests"] / total["seconds"], 1)
+            total["seconds"] = round(total["seconds"], 3)
+        return totals[self.direct], totals[self.proxy]
+
+    async def first_byte(self, session, n) -> tuple[list[float], list[float]]:
+        """Time to the first streamed token, direct and proxy alternating."""
         body = self.body(stream=True, tokens=self.args.stream_tokens,
                          delay_s=self.args.stream_delay_s)
-        out = []
-        end = time.monotonic() + self.args.phase_s * 4
+        out = {self.direct: [], self.proxy: []}
+        end = time.monotonic() + self.args.phase_s * 8
         for _ in range(n):
             if time.monotonic() > end:
                 break
-            t0 = time.perf_counter()
-            async with session.post(base + "/v1/chat/completions", json=body) as r:
-                async for chunk in r.content.iter_any():
-                    if b"data: {" in chunk:
-                        out.append(time.perf_counter() - t0)
-                        break
-                r.close()  # leave: the rest is not measured here
-            await asyncio.sleep(0.05)
-        return out
+            for base in (self.direct, self.proxy):
+                t0 = time.perf_counter()
+                async with session.post(base + "/v1/chat/completions", json=body) as r:
+                    async for chunk in r.content.iter_any():
+                        if b"data: {" in chunk:
+                            out[base].append(time.perf_counter() - t0)
+                            break
+                    r.close()  # leave: the rest is not measured here
+                await asyncio.sleep(0.05)
+        return out[self.direct], out[self.proxy]
 
     async def run_after_leave(self, base, stream: bool) -> float | None:
         """Seconds the upstream kept generating after the client left."""
@@ -202,12 +220,10 @@ class Bench:
                 "added_p50": 1e3 * (pct(lat_p, .5) - pct(lat_d, .5)),
                 "added_p99": 1e3 * (pct(lat_p, .99) - pct(lat_d, .99)),
                 "n": [len(lat_d), len(lat_p)]}
-            td = await self.throughput(s, self.direct, a.clients)
-            tp = await self.throughput(s, self.proxy, a.clients)
+            td, tp = await self.throughput(s, a.clients)
             res["throughput"] = {"direct": td, "proxy": tp,
                                  "ratio": round(tp["rps"] / td["rps"], 3) if td["rps"] else None}
-            fd = await self.first_byte(s, self.direct, a.first_byte_n)
-            fp = await self.first_byte(s, self.proxy, a.first_byte_n)
+            fd, fp = await self.first_byte(s, a.first_byte_n)
             res["first_byte_ms"] = {"direct_p50": 1e3 * statistics.median(fd),
                                     "proxy_p50": 1e3 * statistics.median(fp),
                                     "added_p50": 1e3 * (statistics.median(fp)
@@ -263,6 +279,8 @@ def main() -> int:
     ap.add_argument("--latency-n", type=int, default=2000)
     ap.add_argument("--first-byte-n", type=int, default=40)
     ap.add_argument("--phase-s", type=float, default=5.0, help="time bound of each phase")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="alternating direct/proxy slices the throughput phase is cut into")
     ap.add_argument("--max-requests", type=int, default=50000)
     ap.add_argument("--stream-tokens", type=int, default=20)
     ap.add_argument("--stream-delay-s", type=float, default=0.02)
