@@ -208,6 +208,27 @@ def host_memory_bytes() -> int | None:
 
 def stream_chat(base: str, key: str | None, model: str, messages: list, max_tokens: int,
                 timeout_s: float) -> dict:
+    """One streamed chat; a 503 (not ready) or 429 (queue full) is retried after
+    the Retry-After the proxy sends, as the openai SDK does, within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return _stream_chat_once(base, key, model, messages, max_tokens, timeout_s)
+        except RetryLater as e:
+            wait = min(e.after_s, 5.0)
+            if time.monotonic() + wait >= deadline:
+                raise ProbeError(f"{base} was still answering HTTP {e.code} after {timeout_s} s")
+            time.sleep(wait)
+
+
+class RetryLater(Exception):
+    def __init__(self, code: int, after_s: float):
+        super().__init__(code, after_s)
+        self.code, self.after_s = code, after_s
+
+
+def _stream_chat_once(base: str, key: str | None, model: str, messages: list, max_tokens: int,
+                      timeout_s: float) -> dict:
     body = {
         "messages": messages, "max_tokens": max_tokens, "temperature": 0,
         "stream": True, "stream_options": {"include_usage": True},
@@ -242,6 +263,10 @@ def stream_chat(base: str, key: str | None, model: str, messages: list, max_toke
                     text.append(piece)
                     finish = choice.get("finish_reason") or finish
     except urllib.error.HTTPError as e:
+        if e.code in (429, 503):
+            after_ms = e.headers.get("retry-after-ms")
+            after_s = float(after_ms) / 1000 if after_ms else float(e.headers.get("Retry-After") or 1)
+            raise RetryLater(e.code, after_s)
         raise ProbeError(f"{base} answered HTTP {e.code}: {e.read()[:300]!r}")
     except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError) as e:
         raise ProbeError(f"{base} did not answer within {timeout_s} s: {e}")

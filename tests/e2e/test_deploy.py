@@ -44,7 +44,7 @@ def results_table(log: str) -> dict[str, tuple[str, str, str]]:
     table = log.split("--> Results:", 1)[-1]
     for line in table.splitlines():
         match = re.match(r"\s{4}(.+?)\s{2,}(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s*$", line)
-        if match and match.group(1) not in ("Operation", "Grand total"):
+        if match and not match.group(1).startswith(("Operation ", "Grand total")):
             rows[match.group(1)] = match.group(3, 4, 5)
     return rows
 
