@@ -560,21 +560,36 @@ class Proxy:
     async def forward_assembled(self, path, body, name) -> web.Response:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        def progress(piece: bytes) -> None:
-            if b"data: {" in piece:  # tokens are coming: the upstream is healthy
-                self.last_ok = self.now()
+        # Events are parsed as they arrive, while the upstream is still writing
+        # the next ones: only the last ones are left when the answer is complete.
+        chunks: list = []
+        tail = b""
+        done = False
+        bad = None
 
-        resp, raw = await self.exchange(path, body, progress)
+        def parse(piece: bytes) -> None:
+            nonlocal tail, done, bad
+            if done or bad is not None:
+                return
+            *lines, tail = (tail + piece).split(b"\n")
+            for line in lines:
+                if line.startswith(b"data: {"):
+                    self.last_ok = self.now()  # tokens are coming: the upstream is healthy
+                    try:
+                        chunks.append(json.loads(line[6:]))
+                    except ValueError as e:
+                        bad = e
+                        return
+                elif line.startswith(b"data: [DONE]"):
+                    done = True
+                    return
+
+        resp, raw = await self.exchange(path, body, parse)
         if resp.status != 200:
             return self.passthrough_error(path, resp, raw)
-        chunks = []
-        done = False
-        for line in raw.split(b"\n"):
-            if line.startswith(b"data: {"):
-                chunks.append(json.loads(line[6:]))
-            elif line.startswith(b"data: [DONE]"):
-                done = True
-                break
+        parse(b"\n")  # a last line without its newline
+        if bad is not None:
+            raise bad
         if not done:
             self.metrics.upstream_error("broken_stream")
             raise ClientError("the upstream stream ended before [DONE]")

@@ -1,7 +1,9 @@
 """files/proxy.py's own HTTP/1.1 upstream client: framing, errors, reuse.
 
 The parser is fed answers cut at every byte (a real socket may split them
-anywhere); the reuse and reset promises run against real sockets on 127.0.0.1.
+anywhere); reuse, refusal and the proxy's non-streaming assembly (events cut
+across reads, a stream that ends before [DONE]) run against real sockets on
+127.0.0.1, the upstream a raw HTTP/1.0 socket like mlx_lm.server.
 The stand-in and real-server suites (test_proxy_stub.py, test_proxy_mlx.py)
 cover the same client end to end.
 """
@@ -12,6 +14,7 @@ import asyncio
 import importlib.util
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -184,3 +187,75 @@ def test_client_says_it_cannot_connect_to_a_closed_port():
 
     with pytest.raises(proxy.UpstreamError, match="refused"):
         asyncio.run(connect())
+
+
+def raw_upstream(answer_parts):
+    """An HTTP/1.0 upstream on a raw socket (like mlx_lm.server: answer, then close).
+
+    The readiness probe gets a one-token answer; every other request gets
+    `answer_parts`, sent 50 ms apart so that each arrives in its own read.
+    """
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                request = conn.recv(65536)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+                if b'"max_tokens": 1' in request:
+                    conn.sendall(b'data: {"choices": []}\n\ndata: [DONE]\n\n')
+                    continue
+                for part in answer_parts:
+                    time.sleep(0.05)
+                    conn.sendall(part)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv
+
+
+def post_chat(proxy_url: str):
+    import httpx2 as httpx
+    return httpx.post(proxy_url + "/v1/chat/completions", timeout=10,
+                      json={"messages": [{"role": "user", "content": "hi"}]})
+
+
+def wait_ready(proxy_url: str) -> None:
+    import httpx2 as httpx
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        if httpx.get(proxy_url + "/health", timeout=5).status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError("proxy never ready")
+
+
+def test_proxy_assembles_events_cut_across_reads(proxy_factory):
+    event = (b'data: {"model": "default_model", '
+             b'"choices": [{"index": 0, "delta": {"content": "%s"}}]}\n\n')
+    srv = raw_upstream([event % b"Hel", (event % b"lo")[:30], (event % b"lo")[30:],
+                        b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}'
+                        b"\n\ndata: [DONE]"])  # the last line without its newline
+    p = proxy_factory(f"http://127.0.0.1:{srv.getsockname()[1]}", "--public-name", "glm-5.2")
+    wait_ready(p.url)
+    r = post_chat(p.url)
+    srv.close()
+    choice = r.json()["choices"][0]
+    assert (r.status_code, choice["message"]["content"], choice["finish_reason"],
+            r.json()["model"]) == (200, "Hello", "stop", "glm-5.2")
+
+
+def test_proxy_answers_502_when_the_upstream_stops_before_done(proxy_factory):
+    event = (b'data: {"model": "default_model", '
+             b'"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n')
+    srv = raw_upstream([event, event])  # then closes: no [DONE]
+    p = proxy_factory(f"http://127.0.0.1:{srv.getsockname()[1]}")
+    wait_ready(p.url)
+    r = post_chat(p.url)
+    srv.close()
+    assert r.status_code == 502 and "upstream broke off" in r.json()["error"]["message"], r.text
