@@ -1010,7 +1010,7 @@ class Upstream:
         try:
             await conn.read_head()
         except BaseException:
-            conn.abort()
+            conn.abort(reset=True)  # cancelled (the client left): the server's next write fails
             raise
         return conn
 
