@@ -148,7 +148,9 @@ def test_probes_of_a_real_server_through_the_proxy_make_a_full_report(
     # float32 weights are mapped in: the loaded server is at least most of their size
     assert mem["rss_loaded_bytes"] > weights // 2
     assert mem["rss_peak_sampled_bytes"] >= mem["rss_loaded_bytes"] and mem["rss_samples"] > 0
-    assert mem["rss_hwm_bytes"] >= mem["rss_peak_sampled_bytes"]
+    # The kernel batches its per-thread RSS counters, so VmHWM can trail a VmRSS
+    # sample by a few pages (seen: 4 KiB); it is never meaningfully below it.
+    assert mem["rss_hwm_bytes"] >= mem["rss_peak_sampled_bytes"] * 0.99
     assert mem["mlx_peak_bytes"] is None and "not measured" in mem["mlx_peak_note"]
     assert "--prompt-cache-bytes" in mem["server_command"]
 
