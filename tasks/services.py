@@ -13,11 +13,14 @@ import json
 import posixpath
 import shlex
 from dataclasses import dataclass, field
+from io import StringIO
 
 import jinja2
 from pyinfra import host
+from pyinfra.facts.files import FileContents
+from pyinfra.operations import files
 
-from tasks.common import REPO, RoutePaths, paths, profile
+from tasks.common import REPO, RoutePaths, fingerprint, paths, profile
 
 SERVER = "server"
 PROXY = "proxy"
@@ -167,11 +170,6 @@ def deploy_service(backend, svc: Service, code: list[bytes | str], before_restar
     retried by the next one instead of being forgotten. Returns whether a
     restart was planned.
     """
-    from pyinfra.facts.files import FileContents
-    from pyinfra.operations import files
-
-    from tasks.common import fingerprint
-
     text = backend.render(svc)
     desired = fingerprint(backend.name, text, *code)
     applied = host.get_fact(FileContents, stamp_path(svc))
@@ -183,8 +181,6 @@ def deploy_service(backend, svc: Service, code: list[bytes | str], before_restar
         backend.restart(svc)
         if after_restart:
             after_restart()
-    from io import StringIO
-
     files.put(
         name=f"Record the {svc.name} as started ({desired})",
         src=StringIO(desired + "\n"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from io import StringIO
 
 from pyinfra import host
 from pyinfra.facts.systemd import SystemdStatus
@@ -32,8 +33,6 @@ class SystemdBackend:
         pass
 
     def install(self, svc: Service, text: str) -> None:
-        from io import StringIO
-
         files.put(
             name=f"Write the systemd unit for the {svc.name}",
             src=StringIO(text),
