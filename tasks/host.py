@@ -22,6 +22,7 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
+from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import MacosVersion
 from pyinfra.operations import files, server
 
@@ -78,11 +79,22 @@ def boot_plist_path() -> str:
     return posixpath.join(DAEMONS_DIR, f"{boot_label()}.plist")
 
 
+def ram_bytes(what_to_do: str = "") -> int:
+    """The host's RAM: hw.memsize on macOS, MemTotal of /proc/meminfo on Linux."""
+    if is_macos():
+        value = host.get_fact(SysctlValue, key="hw.memsize")
+    else:
+        lines = host.get_fact(FileContents, path="/proc/meminfo") or []
+        value = next((line.split()[1] for line in lines if line.startswith("MemTotal:")), None)
+        value = str(int(value) * 1024) if value and value.isdigit() else None
+    if not value or not str(value).isdigit():
+        raise RouteError(f"{host.name}: cannot read the RAM size (hw.memsize or "
+                         f"/proc/meminfo){what_to_do}")
+    return int(value)
+
+
 def ram_mb() -> int:
-    memsize = host.get_fact(SysctlValue, key="hw.memsize")
-    if not memsize or not memsize.isdigit():
-        raise RouteError(f"{host.name}: cannot read the RAM size (sysctl -n hw.memsize)")
-    return int(memsize) // 2**20
+    return ram_bytes() // 2**20
 
 
 def wired_limit_mb() -> int | None:

@@ -9,26 +9,11 @@ turn pays the whole prefill again (seed, section 7: 114 tok/s, 29 minutes for
 from __future__ import annotations
 
 from pyinfra import host
-from pyinfra.facts.files import FileContents
 
-from tasks.common import RouteError, is_macos
+from tasks.common import RouteError
+from tasks.host import ram_bytes
 
 GB = 10**9
-
-
-def host_memory_bytes() -> int:
-    if is_macos():
-        from tasks.host import SysctlValue
-
-        value = host.get_fact(SysctlValue, key="hw.memsize")
-    else:
-        lines = host.get_fact(FileContents, path="/proc/meminfo") or []
-        value = next((line.split()[1] for line in lines if line.startswith("MemTotal:")), None)
-        value = str(int(value) * 1024) if value and value.isdigit() else None
-    if not value or not str(value).isdigit():
-        raise RouteError(f"{host.name}: cannot read the RAM size (hw.memsize or /proc/meminfo); "
-                         f"set server_prompt_cache_fraction = None to keep the profile's value")
-    return int(value)
 
 
 def cache_budget_bytes(ram: int, prof: dict, fraction: float, overhead: float,
@@ -51,7 +36,8 @@ def prompt_cache_bytes(prof: dict) -> int | None:
         raise RouteError(f"{host.name}: server_prompt_cache_fraction must be a number or None, "
                          f"got {fraction!r}")
     return cache_budget_bytes(
-        host_memory_bytes(), prof, float(fraction),
+        ram_bytes("; set server_prompt_cache_fraction = None to keep the profile's value"),
+        prof, float(fraction),
         float(host.data.get("host_wired_model_overhead") or 1.1),
         float(host.data.get("host_wired_headroom_gb") or 16),
     )
