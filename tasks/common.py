@@ -55,14 +55,15 @@ def paths() -> RoutePaths:
     if not home:
         raise RouteError(f"{host.name}: cannot find the home directory of user {user!r}")
     route_home = _resolve(home, host.data.route_home)
+    venv = _resolve(home, host.data.venv_path)
     return RoutePaths(
         home=home,
         user=user,
         route_home=route_home,
         bin_dir=posixpath.join(route_home, "bin"),
         state_dir=posixpath.join(route_home, "state"),
-        venv=_resolve(home, host.data.venv_path),
-        python=posixpath.join(_resolve(home, host.data.venv_path), "bin", "python"),
+        venv=venv,
+        python=posixpath.join(venv, "bin", "python"),
         model_dir=posixpath.join(_resolve(home, host.data.model_root), host.data.model_profile),
         logs_dir=_resolve(home, host.data.route_logs_dir),
     )
