@@ -15,7 +15,7 @@ Uploaded by tasks/model.py and run with the venv's python (or any python3 3.8+):
   clean  --dir D
          remove the *.incomplete files an interrupted `hf download` leaves in
          D/.cache/huggingface/download (it never reuses nor removes them).
-  disk   --dir D --need-gb G --margin-gb M --host NAME [--whole]
+  disk   --dir D --need-gib G --margin-gib M --host NAME [--whole]
          exit 2 with one actionable line when the disk of D lacks room for
          what is still to be fetched (G minus the shards already there, or
          all of G with --whole) + M.
@@ -26,7 +26,7 @@ named shard exists with the size that its own safetensors header implies
 (8 + header + tensor data), and with the size the Hub listed when hf recorded
 one (D/.cache/huggingface/trees/<commit>.json, written by huggingface_hub
 2.4's local-dir download); there are exactly N *.safetensors files; no
-*.incomplete file is left. No byte of the weights is hashed: 368 GB would take
+*.incomplete file is left. No byte of the weights is hashed: 368 GiB would take
 longer than the download.
 """
 
@@ -41,7 +41,7 @@ import sys
 INDEX = "model.safetensors.index.json"
 RECORD = ".mlx-route.json"
 HF_DIR = os.path.join(".cache", "huggingface")
-GB = 1000**3
+GiB = 2**30  # every size in this project is in GiB
 
 
 def _hf_download_dir(model_dir: str) -> str:
@@ -257,25 +257,25 @@ def free_bytes(path: str) -> tuple:
     return st.f_bavail * st.f_frsize, probe
 
 
-def disk(model_dir: str, need_gb: float, margin_gb: float, host: str, whole: bool = False) -> tuple:
+def disk(model_dir: str, need_gib: float, margin_gib: float, host: str, whole: bool = False) -> tuple:
     free, probe = free_bytes(model_dir)
     present = 0 if whole else sum(
         os.path.getsize(os.path.join(model_dir, n)) for n in top_level_shards(model_dir)
     )
-    to_fetch = max(0, int(need_gb * GB) - present)
+    to_fetch = max(0, int(need_gib * GiB) - present)
     report = {
         "dir": model_dir,
         "filesystem_of": probe,
         "free_bytes": free,
         "present_bytes": present,
         "to_fetch_bytes": to_fetch,
-        "margin_bytes": int(margin_gb * GB),
+        "margin_bytes": int(margin_gib * GiB),
     }
-    if free < to_fetch + margin_gb * GB:
+    if free < to_fetch + margin_gib * GiB:
         message = (
-            "%s: not enough free disk for %s: need %.1f GB (+%g margin), %.1f GB free; "
+            "%s: not enough free disk for %s: need %.1f GiB (+%g margin), %.1f GiB free; "
             "free space or set model_root to a bigger disk"
-            % (host, model_dir, to_fetch / GB, margin_gb, free / GB)
+            % (host, model_dir, to_fetch / GiB, margin_gib, free / GiB)
         )
         return 2, report, message
     return 0, report, None
@@ -311,8 +311,8 @@ def main(argv: list | None = None) -> int:
 
     p = sub.add_parser("disk")
     p.add_argument("--dir", required=True)
-    p.add_argument("--need-gb", type=float, required=True)
-    p.add_argument("--margin-gb", type=float, default=0.0)
+    p.add_argument("--need-gib", type=float, required=True)
+    p.add_argument("--margin-gib", type=float, default=0.0)
     p.add_argument("--host", default=os.uname().nodename)
     p.add_argument("--whole", action="store_true",
                    help="the fetch writes a whole new copy beside the old one (a conversion)")
@@ -325,7 +325,7 @@ def main(argv: list | None = None) -> int:
         return 0
 
     if args.command == "disk":
-        code, report, message = disk(model_dir, args.need_gb, args.margin_gb, args.host, args.whole)
+        code, report, message = disk(model_dir, args.need_gib, args.margin_gib, args.host, args.whole)
         # On failure the one line is the whole message a person reads in the deploy log.
         print(message, file=sys.stderr) if message else print(json.dumps(report))
         return code

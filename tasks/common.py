@@ -28,13 +28,22 @@ class RoutePaths:
     route_home: str  # scripts, patches, state, keys
     bin_dir: str  # uploaded helper scripts (files/)
     state_dir: str  # stamps of what has been applied
-    venv: str
-    python: str  # the venv's interpreter
+    venv_root: str  # venv_path: releases/, current, next (tasks/release.py)
+    venv: str  # the release the services run: venv_root/current
+    python: str  # its interpreter
+    next_venv: str  # the release this deploy builds: venv_root/next
+    next_python: str  # its interpreter: deploy-time tools run from it
     model_dir: str
     logs_dir: str
 
     def venv_bin(self, name: str) -> str:
         return posixpath.join(self.venv, "bin", name)
+
+    def next_bin(self, name: str) -> str:
+        return posixpath.join(self.next_venv, "bin", name)
+
+    def release_dir(self, release: str) -> str:
+        return posixpath.join(self.venv_root, "releases", release)
 
     def script(self, name: str) -> str:
         return posixpath.join(self.bin_dir, name)
@@ -55,15 +64,20 @@ def paths() -> RoutePaths:
     if not home:
         raise RouteError(f"{host.name}: cannot find the home directory of user {user!r}")
     route_home = _resolve(home, host.data.route_home)
-    venv = _resolve(home, host.data.venv_path)
+    venv_root = _resolve(home, host.data.venv_path)
+    venv = posixpath.join(venv_root, "current")
+    next_venv = posixpath.join(venv_root, "next")
     return RoutePaths(
         home=home,
         user=user,
         route_home=route_home,
         bin_dir=posixpath.join(route_home, "bin"),
         state_dir=posixpath.join(route_home, "state"),
+        venv_root=venv_root,
         venv=venv,
         python=posixpath.join(venv, "bin", "python"),
+        next_venv=next_venv,
+        next_python=posixpath.join(next_venv, "bin", "python"),
         model_dir=posixpath.join(_resolve(home, host.data.model_root), host.data.model_profile),
         logs_dir=_resolve(home, host.data.route_logs_dir),
     )

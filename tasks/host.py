@@ -22,11 +22,11 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
-from pyinfra.facts.files import FileContents
 from pyinfra.facts.server import MacosVersion
 from pyinfra.operations import files, server
 
-from tasks.common import RouteError, is_macos, profile
+from tasks.budget import memory_budget, wired_mb
+from tasks.common import RouteError, is_macos
 from tasks.services import render
 
 DAEMONS_DIR = "/Library/LaunchDaemons"
@@ -79,55 +79,31 @@ def boot_plist_path() -> str:
     return posixpath.join(DAEMONS_DIR, f"{boot_label()}.plist")
 
 
-def ram_bytes(what_to_do: str = "") -> int:
-    """The host's RAM: hw.memsize on macOS, MemTotal of /proc/meminfo on Linux."""
-    if is_macos():
-        value = host.get_fact(SysctlValue, key="hw.memsize")
-    else:
-        lines = host.get_fact(FileContents, path="/proc/meminfo") or []
-        value = next((line.split()[1] for line in lines if line.startswith("MemTotal:")), None)
-        value = str(int(value) * 1024) if value and value.isdigit() else None
-    if not value or not str(value).isdigit():
-        raise RouteError(f"{host.name}: cannot read the RAM size (hw.memsize or "
-                         f"/proc/meminfo){what_to_do}")
-    return int(value)
-
-
-def ram_mb() -> int:
-    return ram_bytes() // 2**20
-
-
 def wired_limit_mb() -> int | None:
     """The GPU wired-memory limit for this host and profile; None: leave macOS's default.
 
-    Refuses (RouteError) when the profile's weights, plus the overhead seen
-    when serving (the seed: 368 GB on disk, 395 GB peak), do not fit under it.
+    Computed, it is the memory line of the host's budget (RAM less the headroom
+    left to macOS), where the budget already refused a profile that does not
+    fit. Set by hand, it must be below the RAM and hold the model.
     """
-    setting = host.data.get("host_wired_limit_mb")
+    setting = host.data.host_wired_limit_mb
     if setting == 0:
         return None
-    ram = ram_mb()
-    prof = profile()
-    overhead = float(host.data.host_wired_model_overhead)
-    need = math.ceil(float(prof["size_gb"]) * 1024 * overhead)
-    headroom = int(float(host.data.host_wired_headroom_gb) * 1024)
+    budget = memory_budget()
     if setting is None:
-        limit = ram - headroom
-        how = f"RAM {ram} MB minus host_wired_headroom_gb {host.data.host_wired_headroom_gb}"
-    else:
-        limit = int(setting)
-        how = "host_wired_limit_mb"
-        if limit >= ram:
-            raise RouteError(
-                f"{host.name}: host_wired_limit_mb {limit} is not below the RAM ({ram} MB); "
-                "leave room for macOS, or set it to None to compute it"
-            )
+        return wired_mb(budget)
+    limit, ram = int(setting), math.floor(budget.ram * 1024)
+    if limit >= ram:
+        raise RouteError(
+            f"{host.name}: host_wired_limit_mb {limit} is not below the RAM ({ram} MB); "
+            "leave room for macOS, or set it to None to compute it"
+        )
+    need = math.ceil(budget.model * 1024)
     if need > limit:
         raise RouteError(
-            f"{host.name}: model profile {host.data.model_profile!r} ({prof['size_gb']} GB x "
-            f"{overhead} overhead = {need} MB) does not fit in a GPU wired limit of {limit} MB "
-            f"({how}). Use a smaller model_profile or a Mac with more memory, or lower "
-            "host_wired_headroom_gb if macOS really needs less"
+            f"{host.name}: model profile {host.data.model_profile!r} needs {need} MB "
+            f"(size_gib x host_memory_model_overhead) but host_wired_limit_mb is {limit} MB; "
+            "raise it, set it to None to compute it, or use a smaller model_profile"
         )
     return limit
 

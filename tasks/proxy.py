@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import posixpath
 import shlex
 
 from pyinfra import host
@@ -32,7 +33,10 @@ def start_proxy():
             name="Wait until the proxy's /health is 200",
             commands=[
                 f"{q(p.python)} {q(p.script('routectl.py'))} wait --kind proxy "
-                f"--url http://{host_}:{host.data.proxy_port} --timeout 60{key}"
+                f"--url http://{host_}:{host.data.proxy_port} --timeout 60{key}",
+                # the release it runs from stays on the host while it runs
+                f"basename \"$(readlink {q(p.venv)})\" > "
+                f"{q(posixpath.join(p.state_dir, 'proxy.release'))}",
             ],
         )
 

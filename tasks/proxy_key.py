@@ -49,7 +49,7 @@ def ensure_proxy_key():
     # umask first: the file is private from its first byte; the rename is atomic,
     # so a running proxy's next start reads either the old key or the new one.
     command = (f"umask 077 && mkdir -p {q(p.route_home)} && "
-               f"{{ {q(p.python)} -c {q(GENERATE)} > {q(tmp)} && mv -f {q(tmp)} {q(key)}; }} "
+               f"{{ {q(p.next_python)} -c {q(GENERATE)} > {q(tmp)} && mv -f {q(tmp)} {q(key)}; }} "
                f"|| {{ rm -f {q(tmp)}; exit 1; }}")
     return server.shell(
         name="Rotate the proxy API key (on the host, not printed)" if existing

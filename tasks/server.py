@@ -1,26 +1,89 @@
-"""mlx_lm.server on loopback, with the profile's flags."""
+"""mlx_lm.server on loopback, moved from release to release with rollback.
+
+A restart is needed when the server's rendered definition, its release
+(tasks/release.py) or the profile differ from what last answered (a stamp on
+the host), or when it is not running. Then one host-side command,
+`routectl.py switch`, does the whole move so that no failure can leave it half
+done: the smoke generation (the server's own template arguments), pointing
+`current` at the release, the start and the readiness wait, and on any
+failure the previous release and definition back and started. The memory
+budget (tasks/budget.py) picks the order: beside the running server when a
+second copy of the model fits ("overlap"), else the server is stopped first
+("stop-first") while the proxy answers 503 + Retry-After.
+"""
 
 from __future__ import annotations
 
 import json
+import posixpath
 import shlex
+from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.facts.files import FileContents
 from pyinfra.operations import files, server
 
 from tasks.backends import select_backend
-from tasks.common import REPO, paths, profile, repo_file
-from tasks.services import SERVER, deploy_service, route_services
-from tasks.venv import lock_text
+from tasks.budget import memory_budget, restart_strategy
+from tasks.common import fingerprint, paths, profile, repo_file
+from tasks.release import release_state, wanted_release
+from tasks.services import SERVER, route_services, stamp_path
+
+MAINTENANCE = "maintenance.json"
 
 
-def server_code() -> list[bytes | str]:
-    """What the running server is made of besides its definition."""
-    parts: list[bytes | str] = [lock_text(), json.dumps(profile(), sort_keys=True)]
-    if host.data.patches_enabled:
-        parts += [path.read_bytes() for path in sorted((REPO / "patches").glob("*.patch"))]
-    return parts
+def flag_value(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
+
+
+def smoke_spec(argv: list[str], prof: dict, model_dir: str) -> dict:
+    """The smoke generation, prompted as the server will prompt the model."""
+    smoke = prof["smoke"]
+    return {
+        "model": model_dir,
+        "messages": smoke["messages"],
+        "expect": smoke["expect"],
+        "max_tokens": int(smoke.get("max_tokens", 16)),
+        "trust_remote_code": "--trust-remote-code" in argv,
+        "chat_template_args": flag_value(argv, "--chat-template-args"),
+    }
+
+
+def maintenance_path() -> str:
+    return posixpath.join(paths().state_dir, MAINTENANCE)
+
+
+def switch_command(backend, svc, release: str, strategy: str, staged: str | None,
+                   protect: list[str], python: str | None = None) -> str:
+    """`routectl.py switch` to `release` (an id, or "previous" for a rollback)."""
+    p = paths()
+    prof = profile()
+    q = shlex.quote
+    argv = [
+        python or p.release_dir(release) + "/bin/python", p.script("routectl.py"), "switch",
+        "--root", p.venv_root, "--release", release, "--strategy", strategy,
+        "--stop", backend.stop_command(svc), "--start", backend.start_command(svc),
+        "--smoke", json.dumps(smoke_spec(svc.argv, prof, p.model_dir), sort_keys=True),
+        "--smoke-timeout", str(int(prof["ready_timeout_s"])),
+        "--url", f"http://{host.data.server_host}:{host.data.server_port}",
+        "--timeout", str(int(prof["ready_timeout_s"])),
+        "--keep", str(int(host.data.venv_releases_keep)),
+        "--maintenance", maintenance_path(),
+    ]
+    if staged:
+        argv += ["--definition", backend.definition_path(svc), "--staged", staged]
+    for record in protect:
+        argv += ["--protect", record]
+    if backend.sudo:
+        argv += ["--run-as", p.user]
+    return " ".join(q(a) for a in argv)
+
+
+def protected_releases() -> list[str]:
+    """Files naming releases still in use by other processes (never pruned)."""
+    state = paths().state_dir
+    return [posixpath.join(state, name) for name in ("proxy.release", "supervisord.release")]
 
 
 @deploy("Start mlx_lm.server")
@@ -29,35 +92,60 @@ def start_server():
     prof = profile()
     backend = select_backend()
     svc = route_services()[SERVER]
-    routectl = p.script("routectl.py")
-    files.put(name="Upload routectl.py", src=str(repo_file("files/routectl.py")), dest=routectl)
+    release = wanted_release()
+    budget = memory_budget()
+    strategy = restart_strategy(budget)
+
+    files.put(name="Upload routectl.py", src=str(repo_file("files/routectl.py")),
+              dest=p.script("routectl.py"))
     files.directory(name="Create the log directory", path=p.logs_dir, present=True)
-    files.directory(name="Create the HF cache directory", path=svc.env["HF_HUB_CACHE"], present=True)
+    files.directory(name="Create the HF cache directory", path=svc.env["HF_HUB_CACHE"],
+                    present=True)
+    files.directory(name="Create the state directory", path=p.state_dir, present=True)
     backend.prepare()
 
-    smoke = prof["smoke"]
-    q = shlex.quote
+    text = backend.render(svc)
+    desired = fingerprint(backend.name, text, release.id, json.dumps(prof, sort_keys=True))
+    applied = host.get_fact(FileContents, stamp_path(svc))
+    current = release_state(release).get("current")
+    definition = host.get_fact(FileContents, backend.definition_path(svc))
+    if applied == [desired] and current == release.id and backend.is_running(svc):
+        backend.install(svc, text)  # no change: keeps the definition as it is
+        return
 
-    def smoke_generate():
-        trust = " --trust-remote-code" if prof.get("trust_remote_code") else ""
-        server.shell(
-            name=f"Smoke-generate with {host.data.model_profile} before (re)starting the server",
-            commands=[
-                f"{q(p.python)} {q(routectl)} smoke --model {q(p.model_dir)} "
-                f"--messages {q(json.dumps(smoke['messages']))} --expect {q(smoke['expect'])} "
-                f"--max-tokens {int(smoke.get('max_tokens', 16))}{trust}"
-            ],
-        )
+    staged = None
+    if definition is None or "\n".join(definition) != text.rstrip("\n"):
+        staged = posixpath.join(p.state_dir, f"{svc.name}.definition.next")
+        files.put(name=f"Stage the new {svc.name} definition", src=StringIO(text), dest=staged)
+    what = (f"release {release.id}" if current != release.id
+            else f"release {release.id} (same release: new definition or not running)")
+    server.shell(
+        name=f"Switch the server to {what}, {strategy}"
+             + (f" (from {current}; rollback on failure)" if current else ""),
+        commands=[switch_command(backend, svc, release.id, strategy, staged,
+                                 protected_releases())],
+        _sudo=backend.sudo,
+    )
+    files.put(
+        name=f"Record the {svc.name} as started ({desired})",
+        src=StringIO(desired + "\n"),
+        dest=stamp_path(svc),
+    )
 
-    def wait_ready():
-        url = f"http://{host.data.server_host}:{host.data.server_port}"
-        server.shell(
-            name="Wait until the server answers a 1-token completion",
-            commands=[
-                f"{q(p.python)} {q(routectl)} wait --kind server --url {q(url)} "
-                f"--timeout {int(prof.get('ready_timeout_s', 600))}"
-            ],
-        )
 
-    deploy_service(backend, svc, server_code(), before_restart=smoke_generate,
-                   after_restart=wait_ready)
+@deploy("Roll the server back to the previous release")
+def roll_back_server():
+    """By hand (rollback.py): the release before `current`, with the same
+    strategy and checks as a deploy; the next deploy moves to what data asks."""
+    p = paths()
+    backend = select_backend()
+    svc = route_services()[SERVER]
+    strategy = restart_strategy(memory_budget())
+    files.put(name="Upload routectl.py", src=str(repo_file("files/routectl.py")),
+              dest=p.script("routectl.py"))
+    server.shell(
+        name=f"Switch the server back to the previous release ({strategy})",
+        commands=[switch_command(backend, svc, "previous", strategy, None, protected_releases(),
+                                 python=p.python)],
+        _sudo=backend.sudo,
+    )

@@ -20,6 +20,7 @@ from pyinfra import host
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import files
 
+from tasks.budget import prompt_cache_bytes
 from tasks.common import REPO, RoutePaths, fingerprint, paths, profile
 
 SERVER = "server"
@@ -52,10 +53,8 @@ def server_argv(p: RoutePaths, prof: dict) -> list[str]:
     ]
     if prof.get("trust_remote_code"):
         argv.append("--trust-remote-code")
-    from tasks.prompt_cache import prompt_cache_bytes
-
     server_args = dict(prof.get("server_args", {}))
-    cache_bytes = prompt_cache_bytes(prof)
+    cache_bytes = prompt_cache_bytes()
     if cache_bytes is not None:
         server_args["prompt-cache-bytes"] = cache_bytes
     for flag, value in server_args.items():

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import posixpath
+import shlex
 from io import StringIO
 
 from pyinfra import host
@@ -135,9 +136,25 @@ class LaunchdBackend:
             domain=self.domain,
             reload=self._reload.get(svc.name, True),
             restart=True,
-            bootstrap_retries=int(host.data.get("service_launchd_bootstrap_retries") or 5),
+            bootstrap_retries=int(host.data.service_launchd_bootstrap_retries),
             _sudo=self.sudo,
         )
+
+    def start_command(self, svc: Service) -> str:
+        """Read the plist again (bootstrap) and start the job: a stopped job is booted out."""
+        q = shlex.quote
+        plist = self.definition_path(svc)
+        target = f"{self.domain}/{svc.label}"
+        retries = int(host.data.service_launchd_bootstrap_retries)
+        return (f"plutil -lint -s {q(plist)} && launchctl enable {q(target)} && "
+                + launchd.bootstrap_command(self.domain, svc.label, plist, retries, host.name))
+
+    def stop_command(self, svc: Service) -> str:
+        """bootout, then wait (bounded) until launchd has let go of the label."""
+        target = shlex.quote(f"{self.domain}/{svc.label}")
+        return (f"launchctl bootout {target} >/dev/null 2>&1 || true; n=0; "
+                f"while launchctl print {target} >/dev/null 2>&1 && [ $n -lt 30 ]; do "
+                f"sleep 1; n=$((n+1)); done")
 
     def is_running(self, svc: Service) -> bool:
         status = host.get_fact(launchd.LaunchdPrint, target=f"{self.domain}/{svc.label}")

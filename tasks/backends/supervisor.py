@@ -51,14 +51,19 @@ class HardNofile(FactBase):
 
 class SupervisorBackend:
     name = "supervisor"
+    sudo = False  # supervisord runs as the route user
 
     def __init__(self) -> None:
         p = paths()
         self.root = posixpath.join(p.route_home, "supervisor")
         self.conf = posixpath.join(self.root, "supervisord.conf")
         self.conf_d = posixpath.join(self.root, "conf.d")
-        self.ctl = f"{shlex.quote(p.venv_bin('supervisorctl'))} -c {shlex.quote(self.conf)}"
-        self.supervisord = f"{shlex.quote(p.venv_bin('supervisord'))} -c {shlex.quote(self.conf)}"
+        # From `next`: it exists from the release step on, `current` only after
+        # the first switch (any release's supervisorctl talks to supervisord).
+        self.ctl = f"{shlex.quote(p.next_bin('supervisorctl'))} -c {shlex.quote(self.conf)}"
+        self.supervisord = f"{shlex.quote(p.next_bin('supervisord'))} -c {shlex.quote(self.conf)}"
+        self.release_record = posixpath.join(p.state_dir, "supervisord.release")
+        self.next_venv = p.next_venv
         self.home = p.home
         self.logs_dir = p.logs_dir
 
@@ -89,7 +94,12 @@ class SupervisorBackend:
         if self._status() is None:
             server.shell(
                 name="Start supervisord",
-                commands=[f"{self.supervisord}"],
+                commands=[
+                    f"{self.supervisord}",
+                    # its release stays on the host while it runs (never pruned)
+                    f"basename \"$(readlink {shlex.quote(self.next_venv)})\" > "
+                    f"{shlex.quote(self.release_record)}",
+                ],
             )
 
     def nofile(self) -> int:
@@ -111,18 +121,22 @@ class SupervisorBackend:
             dest=self.definition_path(svc),
         )
 
-    def restart(self, svc: Service) -> None:
-        # remove + add reloads the program's definition and starts it once;
-        # `update` would leave an unchanged definition running old code.
+    def start_command(self, svc: Service) -> str:
+        """Load the program's definition again and start it.
+
+        remove + add rereads the definition and starts the program once;
+        `update` would leave an unchanged definition running old code."""
         name = shlex.quote(svc.name)
-        server.shell(
-            name=f"(Re)start the {svc.name} under supervisor",
-            commands=[
-                f"{self.ctl} reread >/dev/null",
-                f"{{ {self.ctl} stop {name}; {self.ctl} remove {name}; }} >/dev/null 2>&1 || true",
-                f"{self.ctl} add {name}",
-            ],
-        )
+        return (f"{self.ctl} reread >/dev/null && "
+                f"{{ {self.ctl} stop {name}; {self.ctl} remove {name}; }} >/dev/null 2>&1; "
+                f"{self.ctl} add {name}")
+
+    def stop_command(self, svc: Service) -> str:
+        return f"{self.ctl} stop {shlex.quote(svc.name)} >/dev/null 2>&1 || true"
+
+    def restart(self, svc: Service) -> None:
+        server.shell(name=f"(Re)start the {svc.name} under supervisor",
+                     commands=[self.start_command(svc)])
 
     def is_running(self, svc: Service) -> bool:
         return (self._status() or {}).get(svc.name) in ("RUNNING", "STARTING")

@@ -17,6 +17,7 @@ UNIT_DIR = "/etc/systemd/system"
 
 class SystemdBackend:
     name = "systemd"
+    sudo = False  # the deploy connects as root (pyinfra --sudo) for system units
 
     def definition_path(self, svc: Service) -> str:
         return f"{UNIT_DIR}/{svc.label}.service"
@@ -40,16 +41,16 @@ class SystemdBackend:
             mode="644",
         )
 
-    def restart(self, svc: Service) -> None:
+    def start_command(self, svc: Service) -> str:
         unit = shlex.quote(f"{svc.label}.service")
-        server.shell(
-            name=f"(Re)start the {svc.name} under systemd",
-            commands=[
-                "systemctl daemon-reload",
-                f"systemctl enable {unit}",
-                f"systemctl restart {unit}",
-            ],
-        )
+        return f"systemctl daemon-reload && systemctl enable {unit} && systemctl restart {unit}"
+
+    def stop_command(self, svc: Service) -> str:
+        return f"systemctl stop {shlex.quote(svc.label + '.service')} || true"
+
+    def restart(self, svc: Service) -> None:
+        server.shell(name=f"(Re)start the {svc.name} under systemd",
+                     commands=[self.start_command(svc)])
 
     def is_running(self, svc: Service) -> bool:
         return bool(host.get_fact(SystemdStatus).get(f"{svc.label}.service"))

@@ -28,7 +28,7 @@ SERVER, PROXY = "org.mlxroute.server", "org.mlxroute.proxy"
 SERVER_PLIST, PROXY_PLIST = f"{DAEMONS}/{SERVER}.plist", f"{DAEMONS}/{PROXY}.plist"
 BOOT_PLIST = f"{DAEMONS}/org.mlxroute.host-tuning.plist"
 NEWSYSLOG = "/etc/newsyslog.d/org.mlxroute.conf"
-WIRED_MB = 512 * 1024 - 16 * 1024  # the fake Mac's RAM minus host_wired_headroom_gb
+WIRED_MB = 512 * 1024 - 16 * 1024  # the fake Mac's RAM minus host_memory_headroom_gib
 
 
 @pytest.fixture(scope="module")
@@ -192,10 +192,10 @@ def test_stopped_service_is_started_again(workdir, deployed):
 
 
 def test_model_that_does_not_fit_the_gpu_limit_is_refused_before_anything_runs(workdir):
-    plan = run_plan(workdir, None, "host_wired_headroom_gb=200")
+    plan = run_plan(workdir, None, "host_memory_headroom_gib=200")
     assert plan.code != 0
     assert "does not fit in a GPU wired limit of 319488 MB" in plan.output
-    assert "glm-5.2-mxfp4" in plan.output and "host_wired_headroom_gb" in plan.output
+    assert "glm-5.2-mxfp4" in plan.output and "host_memory_headroom_gib" in plan.output
     assert plan.uploads == {}
     assert not plan.matching(r"-m venv|hf download|sysctl -w|launchctl bootstrap")
 

@@ -91,7 +91,7 @@ def deploy(tmp_path) -> Deploy:
 
 
 def hf_profile(stub, **over) -> dict:
-    profile = {"source": "hf", "repo": stub.repo, "revision": "main", "shards": 4, "size_gb": 0.02}
+    profile = {"source": "hf", "repo": stub.repo, "revision": "main", "shards": 4, "size_gib": 0.02}
     return profile | over
 
 
@@ -161,7 +161,7 @@ def test_fetch_model_stops_before_downloading_when_the_disk_is_too_small(
     sharded_model, hub_stub, deploy
 ):
     stub = hub_stub(sharded_model)
-    run = deploy(hf_profile(stub, size_gb=10**9), stub.url, json_out=False)
+    run = deploy(hf_profile(stub, size_gib=10**9), stub.url, json_out=False)
     assert run.code != 0
     expected = f"@local: not enough free disk for {deploy.model_dir}: need 1000000000.0 GB"
     assert f"{expected} (+10 margin)" in run.output
@@ -222,7 +222,7 @@ def test_fetch_model_with_an_unknown_revision_fails_with_hf_message_and_a_hint(
 
 
 def test_fetch_model_rejects_an_unknown_source(deploy):
-    run = deploy({"source": "ftp", "shards": 1, "size_gb": 1}, "http://127.0.0.1:9", json_out=False)
+    run = deploy({"source": "ftp", "shards": 1, "size_gib": 1}, "http://127.0.0.1:9", json_out=False)
     assert run.code != 0
     assert "has source 'ftp'; use \"hf\" or \"pypi-gguf\"" in run.output
 

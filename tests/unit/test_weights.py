@@ -160,24 +160,24 @@ def test_record_refuses_an_incomplete_copy_and_names_what_is_missing(model):
 
 def test_disk_check_error_names_host_path_need_and_free(tmp_path):
     target = tmp_path / "models" / "glm"
-    code, report, err = run("disk", "--dir", str(target), "--need-gb", "1e9",
-                            "--margin-gb", "10", "--host", "studio.local")
+    code, report, err = run("disk", "--dir", str(target), "--need-gib", "1e9",
+                            "--margin-gib", "10", "--host", "studio.local")
     assert code == 2 and report is None
     match = re.fullmatch(
-        rf"studio\.local: not enough free disk for {re.escape(str(target))}: need 1000000000\.0 GB "
-        r"\(\+10 margin\), ([0-9.]+) GB free; free space or set model_root to a bigger disk\n",
+        rf"studio\.local: not enough free disk for {re.escape(str(target))}: need 1000000000\.0 GiB "
+        r"\(\+10 margin\), ([0-9.]+) GiB free; free space or set model_root to a bigger disk\n",
         err,
     )
     assert match, err
     st = os.statvfs(tmp_path)
-    assert abs(float(match.group(1)) - st.f_bavail * st.f_frsize / 1e9) < 1.0
+    assert abs(float(match.group(1)) - st.f_bavail * st.f_frsize / 2**30) < 1.0
 
 
 def test_disk_check_passes_when_there_is_room(tmp_path):
-    code, report, err = run("disk", "--dir", str(tmp_path / "m"), "--need-gb", "0.001",
-                            "--margin-gb", "0", "--host", "h")
+    code, report, err = run("disk", "--dir", str(tmp_path / "m"), "--need-gib", "0.001",
+                            "--margin-gib", "0", "--host", "h")
     assert code == 0, err
-    assert report["to_fetch_bytes"] == 1_000_000
+    assert report["to_fetch_bytes"] == int(0.001 * 2**30)
 
 
 def test_disk_check_counts_shards_already_downloaded(tmp_path):
@@ -188,16 +188,16 @@ def test_disk_check_counts_shards_already_downloaded(tmp_path):
     size = 8 * 10**12
     with open(model / "model-00001-of-00002.safetensors", "wb") as f:
         f.truncate(size)
-    need_gb = size / 1e9 + 0.001
-    code, report, err = run("disk", "--dir", str(model), "--need-gb", str(need_gb),
-                            "--margin-gb", "0", "--host", "h")
+    need_gib = size / 2**30 + 0.001
+    code, report, err = run("disk", "--dir", str(model), "--need-gib", str(need_gib),
+                            "--margin-gib", "0", "--host", "h")
     assert report["free_bytes"] < size  # else this test proves nothing
     assert code == 0, err
-    assert report["to_fetch_bytes"] == 1_000_000
+    assert abs(report["to_fetch_bytes"] - 0.001 * 2**30) < 2
 
     # A conversion writes a whole new copy beside the old one: nothing counts.
-    code, _, err = run("disk", "--dir", str(model), "--need-gb", str(need_gb),
-                       "--margin-gb", "0", "--host", "h", "--whole")
+    code, _, err = run("disk", "--dir", str(model), "--need-gib", str(need_gib),
+                       "--margin-gib", "0", "--host", "h", "--whole")
     assert code == 2 and "not enough free disk" in err
 
 

@@ -26,7 +26,7 @@ def venv_data(tmp_path):
 
 def run(tmp_path, venv: Path, lock: Path, python: str = sys.executable):
     result = subprocess.run(
-        [PYINFRA, "-y", "@local", "tests/deploys/venv_only.py",
+        [PYINFRA, "-y", "@local", "tests/deploys/release_only.py",
          "--data", f"venv_path={venv}", "--data", f"venv_requirements={lock}",
          "--data", f"venv_python={python}", "--data", f"route_home={tmp_path / 'route'}"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
