@@ -103,6 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="longest /health waits for a probe before answering 503")
     p.add_argument("--retry-after-ms", type=int, default=1000,
                    help="Retry-After hint sent with 503 and 429")
+    p.add_argument("--maintenance-file", default=None,
+                   help="JSON note ({\"message\": ...}) the deploy writes while it restarts the "
+                        "server on purpose: 503s then say so, and an answer the restart broke "
+                        "off gets 503 + Retry-After instead of 502")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
 
@@ -337,7 +341,23 @@ class Proxy:
         ms = self.args.retry_after_ms
         return {"Retry-After": str(math.ceil(ms / 1000)), "retry-after-ms": str(ms)}
 
+    def maintenance(self) -> str | None:
+        """The deploy's note while it restarts the server, or None (read on error paths only)."""
+        if not self.args.maintenance_file:
+            return None
+        try:
+            with open(self.args.maintenance_file) as handle:
+                note = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        return str(note.get("message") or "the model is restarting") if isinstance(note, dict) \
+            else None
+
     def unavailable(self, problem: str) -> web.Response:
+        note = self.maintenance()
+        if note:
+            return error(503, f"{note}; retry after {math.ceil(self.args.retry_after_ms / 1000)} s",
+                         "upstream_restarting", self.retry_headers())
         return error(503, f"upstream not ready: {problem}", "upstream_unavailable",
                      self.retry_headers())
 
@@ -444,6 +464,8 @@ class Proxy:
             if sent is not None:
                 await sse_error(sent, "upstream broke off the answer", "upstream_error")
                 return sent
+            if self.maintenance():  # the deploy stopped the server: nothing was sent, retry
+                return self.unavailable(str(e))
             return error(502, f"upstream broke off the answer: {e or type(e).__name__}",
                          "upstream_error")
         finally:

@@ -193,21 +193,31 @@ class Releases:
         return None
 
     def commit(self, release: str, before: str | None, keep: int, protect: set[str]) -> list[str]:
-        """Record `release` as current (and `before` as the newest previous); prune."""
+        """Record `release` as current (and `before` as the newest previous); prune.
+
+        Only releases this record knows are removed: those that fell off the
+        end of `previous`, and failed ones; a release built but not switched
+        to yet (`next`), or named in a --protect file, stays."""
         state = self.state()
-        previous = [r for r in state.get("previous", []) if r not in (release, before)]
-        if before and before != release:
-            previous.insert(0, before)
-        state.update(current=release, previous=previous[:max(keep - 1, 1)],
+        known = [r for r in [before, *state.get("previous", [])] if r and r != release]
+        previous = list(dict.fromkeys(known))
+        kept_previous = previous[:max(keep - 1, 1)]
+        failed = state.setdefault("failed", {})
+        failed.pop(release, None)
+        state.update(current=release, previous=kept_previous,
                      switched_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        state.setdefault("failed", {}).pop(release, None)
-        self.write_state(state)
-        kept = {release, *state["previous"], *protect}
+        try:
+            protect = protect | {os.path.basename(os.readlink(os.path.join(self.root, "next")))}
+        except OSError:
+            pass
         removed = []
-        for name in sorted(os.listdir(self.dir)) if os.path.isdir(self.dir) else []:
-            if name not in kept:
-                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
-                removed.append(name)
+        for name in [*previous[len(kept_previous):], *list(failed)]:
+            if name in protect or name in kept_previous or name == release:
+                continue
+            shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+            failed.pop(name, None)
+            removed.append(name)
+        self.write_state(state)
         return removed
 
     def record_failure(self, release: str, why: str) -> None:
@@ -224,6 +234,7 @@ class Definition:
         self.dest, self.staged = dest, staged
         self.backup = staged + ".prev" if staged else None
         self.had = bool(dest and os.path.exists(dest))
+        self.installed = False
 
     def install(self) -> None:
         if not self.staged:
@@ -231,9 +242,10 @@ class Definition:
         if self.had:
             shutil.copyfile(self.dest, self.backup)
         self._copy(self.staged)
+        self.installed = True
 
     def restore(self) -> None:
-        if not self.staged:
+        if not self.installed:
             return
         if self.had:
             self._copy(self.backup)

@@ -36,6 +36,7 @@ GROUP = "staff"
 UID = 501
 HOME = f"/Users/{USER}"
 MEMSIZE = 512 * 2**30  # hw.memsize of a 512 GB Mac Studio
+PYTHON_VERSION = "3.12.7"  # Homebrew's python@3.12
 MACOS = "15.5"
 
 # What `pmset -g` and `launchctl limit maxfiles` say on a Mac out of the box.
@@ -129,6 +130,9 @@ def scripted_state(path: str | None) -> dict:
 
 def fresh_mac() -> dict:
     answers: dict = {
+        # tasks/budget.py MemoryLimits (macOS: hw.memsize only); before "uname -s",
+        # which its script also contains
+        'if [ "$(uname -s)" = Darwin ]': f"ram {MEMSIZE}",
         "uname -s": "Darwin",
         "sw_vers -productVersion": MACOS,
         "echo $USER": USER,
@@ -139,12 +143,12 @@ def fresh_mac() -> dict:
         "sysctl -n iogpu.wired_limit_mb": "0",  # 0: macOS's default (about 75% of RAM)
         "pmset -g": _PMSET_DEFAULTS,
         "launchctl limit maxfiles": MAXFILES_DEFAULT,
-        # no venv yet (tasks/venv.py VenvState)
-        "-c 'import sys' >/dev/null 2>&1; then echo ok": "absent",
+        # no release yet (tasks/release.py ReleaseState)
+        "echo current=$(readlink": ["current=", "next=", "wanted=absent"],
         # an SSH session exists (user/501); nobody is logged in at the console (no gui/501)
         f"launchctl print user/{UID} >/dev/null": "yes",
-        # Homebrew's Python (venv_python below) is installed
-        "command -v /opt/homebrew/bin/python3.12": "/opt/homebrew/bin/python3.12",
+        # Homebrew's Python (venv_python below) is installed (tasks/release.py Interpreter)
+        "command -v /opt/homebrew/bin/python3.12": ["/opt/homebrew/bin/python3.12", PYTHON_VERSION],
     }
     for path in _SYSTEM_DIRS:
         answers.update(existing_dir(path, "root" if not path.startswith(HOME) else USER,

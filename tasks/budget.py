@@ -110,44 +110,43 @@ class Budget:
                 f"{'fits' if self.second_copy_fits else 'does NOT fit'}")
 
 
-def _number(key: str, value) -> float:
+def _number(who: str, key: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise RouteError(f"{host.name}: {key} must be a number >= 0, got {value!r}; "
+        raise RouteError(f"{who}: {key} must be a number >= 0, got {value!r}; "
                          "fix it in inventory.py or group_data/all.py")
     return float(value)
 
 
-def other_services() -> tuple[tuple[str, float], ...]:
+def other_services(who: str, entries) -> tuple[tuple[str, float], ...]:
     """host_other_services as (label, GiB) pairs, checked."""
-    entries = host.data.host_other_services or []
     pairs = []
-    for entry in entries:
+    for entry in entries or []:
         if not isinstance(entry, dict) or "label" not in entry or "memory_gib" not in entry:
             raise RouteError(
-                f"{host.name}: host_other_services entry {entry!r} needs a \"label\" and a "
+                f"{who}: host_other_services entry {entry!r} needs a \"label\" and a "
                 "\"memory_gib\" (e.g. {\"label\": \"com.example.qwen\", \"memory_gib\": 40})")
-        pairs.append((str(entry["label"]), _number("memory_gib", entry["memory_gib"])))
+        pairs.append((str(entry["label"]), _number(who, "memory_gib", entry["memory_gib"])))
     return tuple(pairs)
 
 
-def compute(ram_bytes: int, cgroup_bytes: int | None, prof: dict) -> Budget:
-    """The budget from the host's numbers and the data; refuses what cannot fit."""
-    data = host.data
-    fraction = data.server_prompt_cache_fraction
+def compute(ram_bytes: int, cgroup_bytes: int | None, prof: dict, data, who: str) -> Budget:
+    """The budget from the host's numbers and its data (a mapping with .get);
+    refuses, naming `who`, what cannot fit."""
+    fraction = data.get("server_prompt_cache_fraction")
     if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
                                  or not 0 < fraction <= 1):
-        raise RouteError(f"{host.name}: server_prompt_cache_fraction must be in (0, 1] or None, "
+        raise RouteError(f"{who}: server_prompt_cache_fraction must be in (0, 1] or None, "
                          f"got {fraction!r}: fix it in inventory.py or group_data/all.py")
     floor = int(prof.get("server_args", {}).get("prompt-cache-bytes") or 0) / GiB
     partial = Budget(
         ram=ram_bytes / GiB,
         cgroup=cgroup_bytes / GiB if cgroup_bytes is not None and cgroup_bytes < ram_bytes
         else None,
-        headroom=_number("host_memory_headroom_gib", data.host_memory_headroom_gib),
-        model=_number("size_gib", prof["size_gib"])
-        * _number("host_memory_model_overhead", data.host_memory_model_overhead),
-        route=_number("host_memory_route_gib", data.host_memory_route_gib),
-        others=other_services(),
+        headroom=_number(who, "host_memory_headroom_gib", data.get("host_memory_headroom_gib")),
+        model=_number(who, "size_gib", prof["size_gib"])
+        * _number(who, "host_memory_model_overhead", data.get("host_memory_model_overhead")),
+        route=_number(who, "host_memory_route_gib", data.get("host_memory_route_gib")),
+        others=other_services(who, data.get("host_other_services")),
         cache=0.0,
         cache_floor=floor,
     )
@@ -155,7 +154,7 @@ def compute(ram_bytes: int, cgroup_bytes: int | None, prof: dict) -> Budget:
     if spare < floor:
         short = Budget(**{**partial.__dict__, "cache": floor})
         raise RouteError(
-            f"{host.name}: model profile {data.model_profile!r} does not fit in this host's "
+            f"{who}: model profile {data.get('model_profile')!r} does not fit in this host's "
             f"memory: {short.line().split('; a second')[0]} (the prompt cache at its floor, the "
             "profile's prompt-cache-bytes). Use a smaller model_profile or a host with more "
             "memory, stop the services in host_other_services, or lower "
@@ -171,7 +170,7 @@ def memory_budget() -> Budget:
     if not limits or not limits.get("ram"):
         raise RouteError(f"{host.name}: cannot read the memory size (hw.memsize or "
                          "/proc/meminfo) of the host")
-    budget = compute(limits["ram"], limits.get("cgroup"), profile())
+    budget = compute(limits["ram"], limits.get("cgroup"), profile(), host.data, host.name)
     if host.name not in _LOGGED:  # one line a host in the plan, however often it is read
         _LOGGED.add(host.name)
         logger.info(f"{host.name}: {budget.line()}; restart strategy: {restart_strategy(budget)}")

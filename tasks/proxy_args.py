@@ -21,7 +21,7 @@ LIMIT_FLAGS = {
 
 
 def proxy_argv(python: str, script: str, key_file: str | None, data,
-               public_name: str | None = None) -> list[str]:
+               public_name: str | None = None, maintenance_file: str | None = None) -> list[str]:
     """argv of the proxy service; `data` is a pyinfra host.data (or any .get())."""
     name = public_name or data.get("proxy_public_name")
     argv = [python, script,
@@ -32,6 +32,8 @@ def proxy_argv(python: str, script: str, key_file: str | None, data,
         argv += ["--public-name", str(name)]
     if key_file:
         argv += ["--api-key-file", key_file]
+    if maintenance_file:
+        argv += ["--maintenance-file", maintenance_file]
     for key, flag in LIMIT_FLAGS.items():
         value = data.get(key)
         if value is not None:

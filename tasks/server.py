@@ -28,10 +28,7 @@ from tasks.backends import select_backend
 from tasks.budget import memory_budget, restart_strategy
 from tasks.common import fingerprint, paths, profile, repo_file
 from tasks.release import release_state, wanted_release
-from tasks.services import SERVER, route_services, stamp_path
-
-MAINTENANCE = "maintenance.json"
-
+from tasks.services import SERVER, maintenance_file, route_services, stamp_path
 
 def flag_value(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
@@ -50,10 +47,6 @@ def smoke_spec(argv: list[str], prof: dict, model_dir: str) -> dict:
     }
 
 
-def maintenance_path() -> str:
-    return posixpath.join(paths().state_dir, MAINTENANCE)
-
-
 def switch_command(backend, svc, release: str, strategy: str, staged: str | None,
                    protect: list[str], python: str | None = None) -> str:
     """`routectl.py switch` to `release` (an id, or "previous" for a rollback)."""
@@ -69,7 +62,7 @@ def switch_command(backend, svc, release: str, strategy: str, staged: str | None
         "--url", f"http://{host.data.server_host}:{host.data.server_port}",
         "--timeout", str(int(prof["ready_timeout_s"])),
         "--keep", str(int(host.data.venv_releases_keep)),
-        "--maintenance", maintenance_path(),
+        "--maintenance", maintenance_file(p),
     ]
     if staged:
         argv += ["--definition", backend.definition_path(svc), "--staged", staged]

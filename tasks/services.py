@@ -79,7 +79,13 @@ def proxy_key_file(p: RoutePaths) -> str | None:
 def proxy_argv(p: RoutePaths, prof: dict) -> list[str]:
     from tasks.proxy_args import proxy_argv as build
 
-    return build(p.python, p.script("proxy.py"), proxy_key_file(p), host.data, public_name(prof))
+    return build(p.python, p.script("proxy.py"), proxy_key_file(p), host.data, public_name(prof),
+                 maintenance_file(p))
+
+
+def maintenance_file(p: RoutePaths) -> str:
+    """The note `routectl.py switch` writes while it restarts the server; the proxy shows it."""
+    return posixpath.join(p.state_dir, "maintenance.json")
 
 
 def base_env(p: RoutePaths) -> dict[str, str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import plistlib
 import re
+import shlex
 
 import pytest
 
@@ -29,6 +30,7 @@ SERVER_PLIST, PROXY_PLIST = f"{DAEMONS}/{SERVER}.plist", f"{DAEMONS}/{PROXY}.pli
 BOOT_PLIST = f"{DAEMONS}/org.mlxroute.host-tuning.plist"
 NEWSYSLOG = "/etc/newsyslog.d/org.mlxroute.conf"
 WIRED_MB = 512 * 1024 - 16 * 1024  # the fake Mac's RAM minus host_memory_headroom_gib
+STAGED = f"{ROUTE}/state/server.definition.next"  # the server's plist until the switch installs it
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +50,19 @@ def deployed(fresh):
     return after(fresh)
 
 
+def switch_of(plan) -> dict:
+    """The options of the plan's one `routectl.py switch` command (tasks/server.py)."""
+    (command,) = plan.matching(r"routectl\.py switch ")
+    argv = shlex.split(command)
+    options = {}
+    for i, word in enumerate(argv):
+        if word.startswith("--"):
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else True
+            options.setdefault(word[2:], value)
+    options["command"] = command
+    return options
+
+
 def index(commands: list[str], pattern: str) -> int:
     found = [i for i, c in enumerate(commands) if re.search(pattern, c)]
     assert found, f"no command matches {pattern!r}"
@@ -55,31 +70,56 @@ def index(commands: list[str], pattern: str) -> int:
 
 
 def test_fresh_mac_gets_every_file_with_launchd_ownership(fresh):
-    for path in (SERVER_PLIST, PROXY_PLIST, BOOT_PLIST, NEWSYSLOG, f"{ROUTE}/route.json",
+    for path in (STAGED, PROXY_PLIST, BOOT_PLIST, NEWSYSLOG, f"{ROUTE}/route.json",
                  f"{ROUTE}/bin/routectl.py", f"{ROUTE}/bin/proxy.py",
                  f"{ROUTE}/state/server.applied", f"{ROUTE}/state/proxy.applied"):
         assert path in fresh.uploads, f"{path} is not sent to the Mac"
-    for path in (SERVER_PLIST, PROXY_PLIST, BOOT_PLIST, NEWSYSLOG):
+    for path in (PROXY_PLIST, BOOT_PLIST, NEWSYSLOG):
         # launchd refuses a LaunchDaemon that root does not own or others can write
         assert f"chown root:wheel {path}" in fresh.commands
         assert f"chmod 644 {path}" in fresh.commands
+    # the server's plist is put in place by the switch, as root (mode 0644), so
+    # that a failed start can put the previous one back
+    switch = switch_of(fresh)
+    assert (switch["definition"], switch["staged"]) == (SERVER_PLIST, STAGED)
+    assert switch["command"] in fresh.sudo
 
 
 def test_fresh_mac_bootstraps_both_services_into_the_system_domain_in_order(fresh):
     c = fresh.commands
-    for label, plist in ((SERVER, SERVER_PLIST), (PROXY, PROXY_PLIST)):
-        lint = index(c, rf"^plutil -lint -s {re.escape(plist)}$")
-        enable = index(c, rf"^launchctl enable system/{re.escape(label)}$")
-        bootstrap = index(c, rf"launchctl bootstrap system {re.escape(plist)} ")
-        assert lint < enable < bootstrap
-    server_bootstrap = index(c, rf"launchctl bootstrap system {SERVER_PLIST}")
-    assert index(c, r"routectl\.py smoke ") < server_bootstrap
-    assert (index(c, rf"launchctl bootstrap system {SERVER_PLIST}")
-            < index(c, r"routectl\.py wait --kind server")
+    lint = index(c, rf"^plutil -lint -s {re.escape(PROXY_PLIST)}$")
+    enable = index(c, rf"^launchctl enable system/{re.escape(PROXY)}$")
+    bootstrap = index(c, rf"launchctl bootstrap system {re.escape(PROXY_PLIST)} ")
+    assert lint < enable < bootstrap
+    switch = switch_of(fresh)
+    # the server: linted, enabled, bootstrapped by the switch once the smoke passed
+    assert switch["start"].startswith(
+        f"plutil -lint -s {SERVER_PLIST} && launchctl enable system/{SERVER} && n=0; "
+        f"while ! out=$(launchctl bootstrap system {SERVER_PLIST} ")
+    assert switch["stop"].startswith(f"launchctl bootout system/{SERVER} >/dev/null 2>&1 || true")
+    assert switch["url"] == "http://127.0.0.1:8025"
+    assert (index(c, r"routectl\.py switch ")
             < index(c, rf"launchctl bootstrap system {PROXY_PLIST}")
             < index(c, r"routectl\.py wait --kind proxy"))
     # a fresh Mac has nothing to restart or unload
-    assert not fresh.matching(r"launchctl (kickstart|bootout system/\S+ \|\|)")
+    assert not fresh.matching(r"^launchctl (kickstart|bootout system/\S+ \|\|)")
+
+
+def test_glm_on_the_512_gib_mac_restarts_stop_first_and_the_plan_prints_the_budget(fresh):
+    """Two copies of GLM-5.2 never fit: the switch stops the server before the smoke."""
+    assert ("@fake/mac-studio: memory budget (GiB): RAM 512.00 - headroom 16.00 = 496.00; "
+            "model 404.80 - route 0.25 - prompt cache 45.47 = free 45.47; a second copy of the "
+            "model does NOT fit; restart strategy: stop-first") in fresh.output
+    switch = switch_of(fresh)
+    assert switch["strategy"] == "stop-first"
+    assert switch["maintenance"] == f"{ROUTE}/state/maintenance.json"
+    assert switch["run-as"] == "milo"  # the smoke runs as the route user, not root
+    smoke = json.loads(switch["smoke"])
+    assert smoke["model"] == f"{HOME}/models/glm-5.2-mxfp4" and smoke["trust_remote_code"]
+    # the server's own template arguments: the smoke prompts GLM as the server will
+    assert json.loads(smoke["chat_template_args"]) == {"enable_thinking": False,
+                                                       "reasoning_effort": None}
+    assert "Switch the server to release" in " ".join(fresh.changed)
 
 
 def test_fresh_mac_is_tuned_now_and_at_every_boot(fresh):
@@ -104,11 +144,11 @@ def test_service_plists_carry_the_shared_service_description(fresh):
     assert manifest["backend"] == "launchd" and manifest["launchd_domain"] == "system"
     assert manifest["services"] == {"server": SERVER, "proxy": PROXY}
 
-    server = plistlib.loads(fresh.uploads[SERVER_PLIST].encode())
+    server = plistlib.loads(fresh.uploads[STAGED].encode())
     proxy = plistlib.loads(fresh.uploads[PROXY_PLIST].encode())
     assert server["Label"] == SERVER and proxy["Label"] == PROXY
     argv = server["ProgramArguments"]
-    assert argv[:3] == [f"{HOME}/venvs/mlx-route/bin/python", "-m", "mlx_lm.server"]
+    assert argv[:3] == [f"{HOME}/venvs/mlx-route/current/bin/python", "-m", "mlx_lm.server"]
     assert argv[argv.index("--model") + 1] == f"{HOME}/models/glm-5.2-mxfp4"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert "--trust-remote-code" in argv
@@ -158,29 +198,29 @@ def test_rerun_on_an_unchanged_mac_changes_nothing_and_touches_no_launchd_job(wo
     assert not plan.matching(r"^(sysctl -w|pmset -a|plutil)")
 
 
-def test_changed_server_flag_reloads_only_the_server(workdir, deployed):
+def test_changed_server_flag_switches_only_the_server_with_its_new_plist(workdir, deployed):
     plan = run_plan(workdir, deployed, 'server_extra_args=["--pipeline"]')
     assert plan.code == 0, plan.output[-4000:]
-    assert set(plan.uploads) == {SERVER_PLIST, f"{ROUTE}/state/server.applied"}
-    assert "--pipeline" in plistlib.loads(plan.uploads[SERVER_PLIST].encode())["ProgramArguments"]
-    changes = plan.launchctl_changes()
-    # launchd keeps the definition it read at bootstrap: a new plist needs bootout + bootstrap
-    assert changes[0] == f"launchctl bootout system/{SERVER} >/dev/null 2>&1 || true"
-    assert changes[1].startswith(f"n=0; while ! out=$(launchctl bootstrap system {SERVER_PLIST} ")
-    assert len(changes) == 2
-    assert not [c for c in changes if PROXY in c]
+    assert set(plan.uploads) == {STAGED, f"{ROUTE}/state/server.applied"}
+    assert "--pipeline" in plistlib.loads(plan.uploads[STAGED].encode())["ProgramArguments"]
+    switch = switch_of(plan)
+    # launchd keeps the definition it read at bootstrap: the switch boots the job
+    # out and bootstraps the new plist (the old one comes back on failure)
+    assert switch["staged"] == STAGED and switch["strategy"] == "stop-first"
+    assert [c for c in plan.launchctl_changes() if c != switch["command"]] == []
     assert not plan.matching(r"routectl\.py wait --kind proxy")
-    assert index(plan.commands, r"routectl\.py smoke ") < index(plan.commands, "launchctl bootout")
 
 
-def test_changed_server_code_kickstarts_the_server_with_its_plist_untouched(workdir, deployed):
+def test_changed_server_code_switches_the_server_with_its_plist_untouched(workdir, deployed):
     state = json.loads(json.dumps(deployed))
-    # what the last successful start recorded no longer matches (e.g. a new patch or lock file)
+    # what the last successful start recorded no longer matches (e.g. a changed profile)
     state["files"][f"{ROUTE}/state/server.applied"]["content"] = "0123456789abcdef\n"
     plan = run_plan(workdir, state)
     assert plan.code == 0, plan.output[-4000:]
-    assert plan.launchctl_changes() == [f"launchctl kickstart -k system/{SERVER}"]
-    assert SERVER_PLIST not in plan.uploads
+    switch = switch_of(plan)
+    assert "staged" not in switch and "definition" not in switch
+    assert plan.launchctl_changes() == [switch["command"]]
+    assert STAGED not in plan.uploads
 
 
 def test_stopped_service_is_started_again(workdir, deployed):
@@ -194,7 +234,8 @@ def test_stopped_service_is_started_again(workdir, deployed):
 def test_model_that_does_not_fit_the_gpu_limit_is_refused_before_anything_runs(workdir):
     plan = run_plan(workdir, None, "host_memory_headroom_gib=200")
     assert plan.code != 0
-    assert "does not fit in a GPU wired limit of 319488 MB" in plan.output
+    assert ("model profile 'glm-5.2-mxfp4' does not fit in this host's memory: memory budget "
+            "(GiB): RAM 512.00 - headroom 200.00 = 312.00; model 404.80") in plan.output
     assert "glm-5.2-mxfp4" in plan.output and "host_memory_headroom_gib" in plan.output
     assert plan.uploads == {}
     assert not plan.matching(r"-m venv|hf download|sysctl -w|launchctl bootstrap")
@@ -204,10 +245,12 @@ def test_launchagents_over_ssh_use_the_user_domain(workdir):
     plan = run_plan(workdir, None, "service_launchd_domain=user")
     assert plan.code == 0, plan.output[-4000:]
     agents = f"{HOME}/Library/LaunchAgents"
-    server = plistlib.loads(plan.uploads[f"{agents}/{SERVER}.plist"].encode())
+    server = plistlib.loads(plan.uploads[STAGED].encode())
     assert server["LimitLoadToSessionType"] == "Background"
     assert "UserName" not in server
-    assert plan.matching(rf"launchctl bootstrap user/501 {agents}/{SERVER}\.plist ")
+    switch = switch_of(plan)
+    assert switch["definition"] == f"{agents}/{SERVER}.plist"
+    assert f"launchctl bootstrap user/501 {agents}/{SERVER}.plist " in switch["start"]
     assert f"launchctl enable user/501/{PROXY}" in plan.commands
     assert not plan.matching(rf"chown root:wheel {agents}")
 
@@ -232,20 +275,22 @@ def test_documented_ci_dry_run_command_runs_the_plain_pyinfra_cli(workdir):
                           cwd=repo, capture_output=True, text=True, timeout=120,
                           env={"PATH": "/usr/bin:/bin", "HOME": str(workdir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f">>> launchctl enable system/{SERVER}" in proc.stderr
+    assert f">>> launchctl enable system/{PROXY}" in proc.stderr
+    assert "routectl.py switch --root /Users/milo/venvs/mlx-route --release " in proc.stderr
     assert f">>> sysctl -w iogpu.wired_limit_mb={WIRED_MB}" in proc.stderr
 
 
 def test_root_work_runs_with_sudo_and_the_users_own_work_without(fresh):
     for pattern in (r"^launchctl enable system/", r"launchctl bootstrap system ",
                     r"^sysctl -w ", r"^pmset -a ", r"^launchctl limit maxfiles \d",
-                    rf"^chown root:wheel {DAEMONS}/", r"^plutil -lint "):
+                    rf"^chown root:wheel {DAEMONS}/", r"^plutil -lint ", r"routectl\.py switch "):
         commands = fresh.matching(pattern)
         assert commands, pattern
         for command in commands:
             assert command in fresh.sudo, f"not run with sudo: {command}"
-    # the venv, the weights and the smoke test belong to the route user
-    for pattern in (r"-m venv ", r"hf download ", r"routectl\.py smoke "):
+    # the releases and the weights belong to the route user; the switch runs
+    # its smoke as that user (--run-as)
+    for pattern in (r"-m venv ", r"hf download ", r"pip install "):
         commands = fresh.matching(pattern)
         assert commands and not set(commands) & fresh.sudo, pattern
 
@@ -255,3 +300,4 @@ def test_launchagents_run_without_sudo(workdir):
     assert plan.code == 0, plan.output[-4000:]
     assert plan.matching(r"launchctl (enable|bootstrap) user/501")
     assert not {c for c in plan.sudo if re.search(r"launchctl (enable|bootstrap) user/", c)}
+    assert "run-as" not in switch_of(plan)

@@ -1,8 +1,8 @@
 """tasks/model.py: the real pyinfra CLI runs fetch_model() against this machine.
 
 `pyinfra -y --json @local <tiny deploy>` with --data pointing model_root and
-route_home into the test's tmp dir, venv_path at the repository's own .venv
-(it has the pinned huggingface_hub and its `hf` CLI), and model_hf_endpoint
+route_home into the test's tmp dir, venv_path's `next` release at the
+repository's own .venv (it has the pinned huggingface_hub and its `hf` CLI), and model_hf_endpoint
 at the Hub stand-in (tests/fixtures/hubstub.py: no hub is reachable here).
 The hf subprocess gets no HF_ENDPOINT from the test: only the task's data
 can point it at the stand-in.
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.artifacts import venv_root_on
 from tests.fixtures.hubstub import kill_hf_mid_file, make_sharded_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +60,7 @@ class Deploy:
         argv = [PYINFRA, "-y", "@local", str(self.file),
                 "--data", f"route_home={self.route_home}",
                 "--data", f"model_root={self.model_root}",
-                "--data", f"venv_path={VENV}",
+                "--data", f"venv_path={venv_root_on(self.tmp, VENV)}",
                 "--data", f"model_hf_endpoint={endpoint}",
                 "--data", "model_profile=test",
                 "--data", "model_profiles=" + json.dumps({"test": profile})]
@@ -163,7 +164,7 @@ def test_fetch_model_stops_before_downloading_when_the_disk_is_too_small(
     stub = hub_stub(sharded_model)
     run = deploy(hf_profile(stub, size_gib=10**9), stub.url, json_out=False)
     assert run.code != 0
-    expected = f"@local: not enough free disk for {deploy.model_dir}: need 1000000000.0 GB"
+    expected = f"@local: not enough free disk for {deploy.model_dir}: need 1000000000.0 GiB"
     assert f"{expected} (+10 margin)" in run.output
     assert stub.requests == []
     assert not any(deploy.model_dir.glob("*.safetensors"))

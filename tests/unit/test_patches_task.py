@@ -32,16 +32,19 @@ import shlex
 from pyinfra import host
 from pyinfra.operations import server
 from tasks.patches import apply_patches
+from tasks.release import MARKER, wanted_release
 
-# Stands in for create_venv() (which would pip-install from PyPI): a venv
-# holding a copy of the installed mlx_lm, stamped with the lock's hash.
+# Stands in for build_release() (which would pip-install from PyPI): the
+# release's venv holding a copy of the installed mlx_lm, marked complete.
+release = wanted_release()
 server.shell(
     name="Make the test venv",
     commands=[
-        "test -x {venv}/bin/python || ({python} -m venv --without-pip {venv} && "
-        "{python} -c 'from tests.fixtures.tiny_glm import copy_mlx_lm; import pathlib, sysconfig; "
-        "copy_mlx_lm(pathlib.Path(sysconfig.get_path(\\"purelib\\", vars={{\\"base\\": \\"{venv}\\"}})))' && "
-        "echo {lock} > {venv}/.mlx-route-lock)"
+        f"test -x {{release.python}} || ({python} -m venv --without-pip {{release.dir}} && "
+        f"{python} -c 'from tests.fixtures.tiny_glm import copy_mlx_lm; import pathlib, sysconfig; "
+        f"copy_mlx_lm(pathlib.Path(sysconfig.get_path(\\"purelib\\", vars={{{{\\"base\\": \\"{{release.dir}}\\"}}}})))' && "
+        f"touch {{release.dir}}/{{MARKER}})",
+        f"ln -sfn releases/{{release.id}} {root}/next",
     ],
 )
 apply_patches()
@@ -49,13 +52,13 @@ apply_patches()
 
 
 def run(tmp_path: Path):
-    venv = tmp_path / "venv"
+    root = tmp_path / "venvs"
     deploy = tmp_path / "deploy_patches.py"
-    lock = hashlib.sha256((REPO / "requirements" / "host.txt").read_bytes()).hexdigest()
-    deploy.write_text(DEPLOY.format(venv=venv, python=sys.executable, lock=lock))
+    deploy.write_text(DEPLOY.format(root=root, python=sys.executable))
     proc = subprocess.run(
         [PYINFRA, "-y", "--json", "@local", str(deploy),
-         "--data", f"route_home={tmp_path / 'route'}", "--data", f"venv_path={venv}"],
+         "--data", f"route_home={tmp_path / 'route'}", "--data", f"venv_path={root}",
+         "--data", f"venv_python={sys.executable}"],
         cwd=REPO, capture_output=True, text=True, timeout=240,
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(tmp_path)},
     )
@@ -67,8 +70,12 @@ def run(tmp_path: Path):
     return proc, changed
 
 
+def release_of(tmp_path: Path) -> Path:
+    return (tmp_path / "venvs" / "next").resolve()
+
+
 def site_of(tmp_path: Path) -> Path:
-    (site,) = (tmp_path / "venv" / "lib").glob("python3*/site-packages")
+    (site,) = (release_of(tmp_path) / "lib").glob("python3*/site-packages")
     return site
 
 
@@ -79,7 +86,7 @@ def test_first_deploy_applies_the_series_and_the_second_changes_nothing(tmp_path
     assert APPLY_OP in proc.stderr  # the run log names the patches
     v32 = site_of(tmp_path) / "mlx_lm" / "models" / "deepseek_v32.py"
     assert "shares_topk" in v32.read_text()
-    record = json.loads((tmp_path / "route" / "state" / "mlx_patches.json").read_text())
+    record = json.loads((release_of(tmp_path) / "mlx_patches.json").read_text())
     assert record["mlx_lm_version"] == "0.32.2"
     assert [(p["name"], p["state"]) for p in record["patches"]] == [(n, "applied") for n in PATCHES]
 

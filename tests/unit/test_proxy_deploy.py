@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tasks.proxy_args import LIMIT_FLAGS, proxy_argv
+from tests.fixtures.artifacts import venv_root_on
 
 REPO = Path(__file__).resolve().parents[2]
 PYINFRA = Path(sys.executable).with_name("pyinfra")
@@ -65,7 +66,8 @@ def run_key_deploy(tmp_path: Path, *data: str) -> subprocess.CompletedProcess:
     deploy.write_text("from tasks.proxy_key import ensure_proxy_key\nensure_proxy_key()\n")
     cmd = [str(PYINFRA), "-y", "-vv", "@local", str(deploy),
            "--data", "proxy_api_key=True", "--data", f"route_home={tmp_path / 'home'}",
-           "--data", f"venv_path={Path(sys.executable).parent.parent}", *data]
+           "--data", f"venv_path={venv_root_on(tmp_path, Path(sys.executable).parent.parent)}",
+           *data]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return result
