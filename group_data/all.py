@@ -163,7 +163,8 @@ model_profiles = {
         "server_args": {
             "max-tokens": 256,
             "prompt-cache-size": 2,
-            "prompt-cache-bytes": 536870912,
+            # ~46 KB a token (30 layers, 3 KV heads x 64, float32): 256 MiB holds ~5.7k
+            "prompt-cache-bytes": 268435456,
             "temp": 0.0,
             "log-level": "INFO",
         },

@@ -42,7 +42,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
-LIMIT_GIB = 1.45  # one route (~0.9 GiB with pyinfra) fits, a second server (+0.65) does not
+# Measured here: the running route is 0.67 GiB resident (server 0.70 GiB RSS with
+# shared pages), 0.77 GiB with pyinfra; a smoke beside it brings it to 1.39 GiB.
+LIMIT_GIB = 1.2
 SERVER_PORT, PROXY_PORT = 18125, 18126
 CHAT = json.dumps({"model": "openai/glm52", "max_tokens": 1,
                    "messages": [{"role": "user", "content": "hi"}]}).encode()
@@ -61,6 +63,8 @@ class Host:
             f"model_root={base / 'models'}", f"route_logs_dir={base / 'logs'}",
             f"server_port={SERVER_PORT}", f"proxy_port={PROXY_PORT}",
             "service_label_prefix=org.mlxroute-cgtest",
+            # the proxy and supervisord, measured: 0.06 GiB; pyinfra's own 0.1 GiB runs here too
+            "host_memory_route_gib=0.15",
         ]
 
     def pyinfra(self, *data: str, deploy: str = "deploy.py", timeout: int = 840):
@@ -164,7 +168,6 @@ def test_a_new_release_is_switched_to_stop_first_while_clients_see_only_200_and_
     assert code == 0, log[-5000:]
     new = host.current()
     assert new != old and f"Switch the server to release {new}, stop-first" in log
-    assert "switch: stopping the server first" in log
     assert "passed" in log and " failed" not in log.split("Verify the route", 1)[-1]
     statuses = {status for status, _, _ in poller.seen}
     assert statuses <= {200, 503}, [s for s in poller.seen if s[0] not in (200, 503)][:5]

@@ -57,17 +57,17 @@ def test_a_profile_that_does_not_fit_is_refused_with_the_numbers():
 
 
 def test_a_cgroup_limit_below_the_ram_is_the_memory_line_without_the_os_headroom():
-    b = budget(ram=24 * GiB, cgroup=int(1.45 * GiB), prof=SMOL)
-    assert b.memory == pytest.approx(1.45)
-    assert b.line().startswith("memory budget (GiB): cgroup limit 1.45 = 1.45; model 0.66")
-    assert b.cache == pytest.approx(0.5)  # the profile's floor: 0.5 x spare is below it
+    b = budget(ram=24 * GiB, cgroup=int(1.2 * GiB), prof=SMOL, host_memory_route_gib=0.15)
+    assert b.memory == pytest.approx(1.2)
+    assert b.line().startswith("memory budget (GiB): cgroup limit 1.20 = 1.20; model 0.66")
+    assert b.cache == pytest.approx(0.25)  # the profile's floor: 0.5 x spare is below it
     assert not b.second_copy_fits
     roomy = budget(ram=24 * GiB, cgroup=None, prof=SMOL)
     assert roomy.second_copy_fits
 
 
 def test_a_small_host_keeps_at_least_the_profiles_own_cache():
-    b = budget(ram=17.5 * GiB, prof=SMOL)  # 1.5 GiB beside the 16 GiB headroom
+    b = budget(ram=17.2 * GiB, prof=SMOL)  # 1.2 GiB beside the 16 GiB headroom
     assert b.cache * GiB == SMOL["server_args"]["prompt-cache-bytes"]
 
 
