@@ -3,6 +3,7 @@
     pyinfra inventory.py deploy.py
 """
 
+from tasks.foreign import retire_services
 from tasks.host import tune_host
 from tasks.model import fetch_model
 from tasks.patches import apply_patches
@@ -17,9 +18,10 @@ build_release()  # 1. a pinned Python environment, built beside the running one
 fetch_model()  # 2. the weights, downloaded (or adopted) and checked
 apply_patches()  # 3. the mlx-lm source patches for GLM-5.2, into the new release
 tune_host()  # 4. memory, sleep and file limits (macOS)
-start_server()  # 5. mlx_lm.server switched to the release: smoke, start, rollback
-ensure_proxy_key()  # 6. the proxy's key, made on the host
-start_proxy()  # 7. the proxy that strips `model`
-write_manifest()  # 8. what the host suite checks
-verify_route()  # 9. ports, shards, services, chat, trust gates
-probe_route()  # 10. speed and memory probes, a report per host (bench_enabled)
+retire_services()  # 5. what holds the ports: stop if data retires it, else refuse
+start_server()  # 6. mlx_lm.server switched to the release: smoke, start, rollback
+ensure_proxy_key()  # 7. the proxy's key, made on the host
+start_proxy()  # 8. the proxy that strips `model`
+write_manifest()  # 9. what the host suite checks
+verify_route()  # 10. ports, shards, services, chat, trust gates
+probe_route()  # 11. speed and memory probes, a report per host (bench_enabled)

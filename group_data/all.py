@@ -326,6 +326,13 @@ service_restart_delay_s = 5
 #             usable over SSH, but not started after an unattended reboot.
 service_launchd_domain = "system"
 
+# Services this route replaces, stopped and disabled before it starts: launchd
+# labels (booted out of the system, gui and user domains, then disabled) or
+# systemd units. A deploy refuses to start beside anything else that holds
+# server_port or proxy_port, and names it. The field report's own agents:
+# ["com.milo.glm52-mlx-server", "com.milo.glm52-strip-proxy"].
+service_retire = []
+
 # launchd only: rounds of bootout + retry when `launchctl bootstrap` says
 # "5: Input/output error" (the label is still loaded or draining).
 service_launchd_bootstrap_retries = 5

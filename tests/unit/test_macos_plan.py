@@ -301,3 +301,45 @@ def test_launchagents_run_without_sudo(workdir):
     assert plan.matching(r"launchctl (enable|bootstrap) user/501")
     assert not {c for c in plan.sudo if re.search(r"launchctl (enable|bootstrap) user/", c)}
     assert "run-as" not in switch_of(plan)
+
+
+# The field report's Mac: its own LaunchAgents already serve on the route's ports.
+FOREIGN = {
+    "com.milo.glm52-mlx-server": (8025, 701, "/Users/milo/venvs/glm52-mlx-patch/bin/python -m "
+                                  "mlx_lm.server --model /Users/milo/models/GLM-5.2-mxfp4"),
+    "com.milo.glm52-strip-proxy": (8026, 702, "python3 /tmp/glm52_strip_model_proxy_threaded.py"),
+}
+
+
+def foreign_mac() -> dict:
+    return {
+        "launchd": {f"gui/501/{label}": "running" for label in FOREIGN},
+        "responses": [["re:lsof -nP -iTCP", [f"port={port} pid={pid} label={label} args={args}"
+                                             for label, (port, pid, args) in FOREIGN.items()]]],
+    }
+
+
+def test_foreign_agents_on_the_ports_stop_the_deploy_naming_them(workdir):
+    plan = run_plan(workdir, foreign_mac())
+    assert plan.code != 0
+    assert ("port 8025 is held by pid 701 (/Users/milo/venvs/glm52-mlx-patch/bin/python -m "
+            "mlx_lm.server --model /Users/milo/models/GLM-5.2-mxfp4), launchd job "
+            "com.milo.glm52-mlx-server") in plan.output
+    assert "port 8026 is held by pid 702" in plan.output
+    assert ("add 'com.milo.glm52-mlx-server', 'com.milo.glm52-strip-proxy' to service_retire"
+            in plan.output)
+    assert plan.uploads == {}
+    assert not plan.matching(r"-m venv |launchctl (bootout|bootstrap|disable)")
+
+
+def test_foreign_agents_data_retires_are_booted_out_and_disabled_before_the_server(workdir):
+    plan = run_plan(workdir, foreign_mac(),
+                    'service_retire=["com.milo.glm52-mlx-server", "com.milo.glm52-strip-proxy"]')
+    assert plan.code == 0, plan.output[-4000:]
+    switch = index(plan.commands, r"routectl\.py switch ")
+    for label in FOREIGN:
+        bootout = plan.commands.index(f"launchctl bootout gui/501/{label} || true")
+        disable = plan.commands.index(f"launchctl disable gui/501/{label}")
+        assert bootout < disable < switch
+    # the user's own agents are booted out without sudo
+    assert not {c for c in plan.sudo if re.search(r"launchctl (bootout|disable) gui/", c)}
