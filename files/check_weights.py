@@ -7,8 +7,10 @@ Uploaded by tasks/model.py and run with the venv's python (or any python3 3.8+):
          JSON report on stdout; exit 0 when the copy is complete (and, when
          --repo/--revision/--expect are given, its record matches), else 1.
   record --dir D --shards N (--repo R --revision REV | --expect K=V ...) [--host NAME]
+         [--adopted]
          check; when complete, write D/.mlx-route.json (the given keys, e.g.
-         repo + revision or package + dtype, and the commit hf resolved) and
+         repo + revision or package + dtype, and the commit hf resolved; with
+         --adopted, that the copy was found on the host, not fetched) and
          exit 0; otherwise say on stderr what is missing, exit 1. A later
          `check` with the same keys then tells whether the copy is the one
          the data asks for (a changed pinned revision means: fetch again).
@@ -305,6 +307,9 @@ def main(argv: list | None = None) -> int:
                        help="record file in --dir to compare --expect with")
         p.add_argument("--expect", action="append", metavar="KEY=VALUE")
         p.add_argument("--host", default=os.uname().nodename)
+        if name == "record":
+            p.add_argument("--adopted", action="store_true",
+                           help="the copy was already on the host (downloaded by hand)")
 
     p = sub.add_parser("clean")
     p.add_argument("--dir", required=True)
@@ -346,13 +351,14 @@ def main(argv: list | None = None) -> int:
         parser.error("record needs --repo and --revision, or --expect KEY=VALUE")
     report = check(model_dir, args.shards, RECORD, {})
     if not report["complete"]:
-        print(
-            "%s: the model in %s is not complete: %s; run the deploy again to resume the download"
-            % (args.host, model_dir, summary(report)),
-            file=sys.stderr,
-        )
+        what = ("it cannot be adopted: fix or remove it, or unset model_dir to download"
+                if args.adopted else "run the deploy again to resume the download")
+        print("%s: the model in %s is not complete: %s; %s"
+              % (args.host, model_dir, summary(report), what), file=sys.stderr)
         return 1
     data = dict(expect, commit=report["commit"], shards=args.shards)
+    if args.adopted:
+        data["adopted"] = True
     path = os.path.join(model_dir, RECORD)
     if read_record(model_dir, RECORD) != data:
         tmp = path + ".tmp"

@@ -185,8 +185,13 @@ def disk_usage(path: str) -> dict:
             apparent += st.st_size
             allocated += getattr(st, "st_blocks", 0) * 512
             files += 1
+    try:  # what the deploy recorded: repo, revision, the commit it resolved to, adopted
+        with open(os.path.join(path, ".mlx-route.json")) as handle:
+            record = json.load(handle)
+    except (OSError, ValueError):
+        record = None
     return {"model_dir": path, "apparent_bytes": apparent, "allocated_bytes": allocated,
-            "files": files}
+            "files": files, "record": record}
 
 
 def host_memory_bytes() -> int | None:

