@@ -58,6 +58,7 @@ class Host:
         self.cg = cgroup.MemoryCgroup(f"mlxroute-test-{os.getpid()}", int(LIMIT_GIB * 2**30))
         self.root = base / "venvs"
         self.route_home = base / "route"
+        self.measured: dict = {"limit_gib": LIMIT_GIB, "deploys": []}
         self.data = [
             f"route_home={self.route_home}", f"venv_path={self.root}",
             f"model_root={base / 'models'}", f"route_logs_dir={base / 'logs'}",
@@ -71,8 +72,13 @@ class Host:
         argv = [*self.cg.enter_command(), PYINFRA, "-y", "inventory.py", deploy]
         for item in [*self.data, *data]:
             argv += ["--data", item]
+        started = time.monotonic()
         result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.measured["deploys"].append({
+            "data": [d for d in data if not d.startswith("venv_requirements")], "deploy": deploy,
+            "code": result.returncode, "seconds": round(time.monotonic() - started, 1),
+            "oom_kills": self.cg.oom_kills(), "peak_gib": round((self.cg.peak() or 0) / 2**30, 3)})
         return result.returncode, result.stdout + result.stderr
 
     def current(self) -> str:
@@ -126,6 +132,9 @@ def host(tmp_path_factory):
         pytest.fail(f"this test needs a memory cgroup: {why} (run the suite as root)")
     h = Host(tmp_path_factory.mktemp("memory-limit"))
     yield h
+    # what README quotes (reports/ is git-ignored)
+    (REPO / "reports").mkdir(exist_ok=True)
+    (REPO / "reports" / "e2e-memory-limit.json").write_text(json.dumps(h.measured, indent=1))
     h.close()
     shutil.rmtree(h.base, ignore_errors=True)
 
@@ -176,6 +185,11 @@ def test_a_new_release_is_switched_to_stop_first_while_clients_see_only_200_and_
     assert all(retry for _, retry, _ in restarting)  # every 503 says when to come back
     assert any(b"the model is restarting" in body for _, _, body in restarting)
     assert poller.seen[-1][0] == 200
+    first_503 = next(i for i, s in enumerate(poller.seen) if s[0] == 503)
+    last_503 = max(i for i, s in enumerate(poller.seen) if s[0] == 503)
+    host.measured["poller"] = {
+        "requests": len(poller.seen), "ok": sum(s[0] == 200 for s in poller.seen),
+        "restarting_503": len(restarting), "503_window_requests": last_503 - first_503 + 1}
     assert host.releases()["previous"][0] == old
     assert (host.root / "releases" / old).is_dir()  # kept for a rollback
 
