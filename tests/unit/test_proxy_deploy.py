@@ -6,7 +6,6 @@ machine) with route_home in a temporary folder.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import runpy
 import stat
@@ -23,10 +22,8 @@ PYINFRA = Path(sys.executable).with_name("pyinfra")
 
 
 def load_proxy_module():
-    spec = importlib.util.spec_from_file_location("proxy_under_test", REPO / "files/proxy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tests.fixtures.proxy import load_proxy
+    return load_proxy()
 
 
 def group_data() -> dict:
