@@ -344,16 +344,19 @@ class Proxy:
         return conn, raw
 
     def passthrough_error(self, resp: UpstreamConnection, raw: bytes) -> web.Response:
+        """The upstream's own error (a 4xx: bad request, unknown model), OpenAI-shaped."""
+        status = resp.status if 400 <= resp.status < 500 else 502
         try:
             payload = loads(raw)
-            if isinstance(payload, dict) and isinstance(payload.get("error"), str):
-                payload = {"error": {"message": payload["error"], "type": "upstream_error",
-                                     "code": resp.status}}
         except ValueError:
-            payload = {"error": {"message": raw[:1000].decode("utf-8", "replace"),
-                                 "type": "upstream_error", "code": resp.status}}
-        status = resp.status if 400 <= resp.status < 600 else 502
-        return web.json_response(payload, status=status)
+            payload = None
+        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+            return web.json_response(payload, status=status)
+        if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+            message = payload["error"]
+        else:
+            message = raw[:1000].decode("utf-8", "replace")
+        return error(status, message, "upstream_error")
 
     async def forward_stream(self, request, path, body, name, untouched=None):
         resp, raw = await self.open_upstream(path, body, untouched)
@@ -390,6 +393,11 @@ class Proxy:
                     tail = renamed
                     break
                 await out.write(renamed)
+        except Exception:
+            resp.abort(reset=True)
+            if not finished:
+                raise
+            # [DONE] is out: what the upstream does after it is no concern of the client's
         except BaseException:
             resp.abort(reset=True)
             raise

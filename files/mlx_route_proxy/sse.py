@@ -295,7 +295,9 @@ def merge_delta(message: dict, delta: dict) -> None:
     for key, value in delta.items():
         if key in CONCATENATED and isinstance(value, str):
             _append(message, key, value)
-        elif key == "tool_calls" and isinstance(value, list):
+        elif key == "tool_calls" and value is not None:
+            if not isinstance(value, list):
+                raise BadUpstream("upstream tool_calls are not a list")
             calls = message.get("tool_calls")
             if not isinstance(calls, dict):
                 calls = message["tool_calls"] = {}

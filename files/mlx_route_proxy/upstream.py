@@ -3,11 +3,13 @@
 Why not aiohttp's ClientSession: measured under bench/proxy_bench.py it cost
 about as much CPU per request as everything else in the proxy together (its
 request object, timers and a task wake-up for every piece of a streamed
-answer). The wire format is parsed by h11 (a well-kept, strict HTTP/1.1
-parser); this module adds what the proxy needs around it: connection reuse,
-one wake-up per non-streaming answer, back-pressure for slow readers, a
-first-byte timer, and a TCP reset when a client leaves (mlx_lm.server 0.32.2
-speaks HTTP/1.0 and closes after each answer).
+answer). The wire format is parsed by httptools (llhttp, the strict C parser
+of uvicorn and Node.js; h11 was tried first and cost ~0.1 ms per answer);
+this module adds what the proxy needs around it: connection reuse, one
+wake-up per non-streaming answer, back-pressure for slow readers, a bound on
+the size of the head, a first-byte timer, the end of a body framed by the
+close of the connection (mlx_lm.server 0.32.2 speaks HTTP/1.0 and closes
+after each answer), and a TCP reset when a client leaves.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import struct
 import sys
 import urllib.parse
 
-import h11
+import httptools
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
@@ -34,10 +36,7 @@ MAX_HEAD_BYTES = 64 * 1024
 # just as a request goes out on it, and a generation request is not retried.
 KEEP_IDLE_S = 2.0
 HIGH_WATER = 1 << 20  # body bytes held for a slow reader before reading pauses
-
-NEED_DATA, PAUSED = h11.NEED_DATA, h11.PAUSED
-Data, Response, EndOfMessage = h11.Data, h11.Response, h11.EndOfMessage
-InformationalResponse = h11.InformationalResponse
+FRAMING_HEADERS = (b"content-length", b"transfer-encoding")
 
 
 class UpstreamError(ConnectionError):
@@ -63,33 +62,31 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.waiter: asyncio.Future | None = None
         self.idle_since = 0.0
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
         self.first_byte_timer: asyncio.TimerHandle | None = None
         self.exchange_reset()
 
     def exchange_reset(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
         self.body: list[bytes] = []   # decoded body, not taken yet
         self.body_size = 0
         self.in_head = True
         self.head_bytes = 0           # bytes received before the status line and headers ended
         self.status = 0
+        self.keep_alive = False
+        self.framed = False           # Content-Length or chunked: the body's end is in-band
         self.complete = False
+        self.extra = False            # bytes came after the answer: not reusable
         self.error: BaseException | None = None
         self.want = "head"            # what wakes the reader: head, some, all
-        self.on_body = None           # called with each decoded piece (read_all)
+        self.listener = None          # called with each decoded piece (read_all)
         self.paused = False
         self.busy = False             # a request is out and its answer not complete
 
     def send_request(self, target: str, host: str, body: bytes) -> None:
-        conn = self.h11
-        if conn.our_state is h11.DONE:
-            conn.start_next_cycle()
-        head = conn.send(h11.Request(method="POST", target=target, headers=[
-            ("Host", host), ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body)))]))
-        conn.send(Data(data=body))
-        conn.send(EndOfMessage())
-        self.transport.write(head + body)
+        self.transport.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json"
+                             b"\r\nContent-Length: %d\r\n\r\n%s" % (
+                                 target.encode("latin-1"), host.encode("latin-1"), len(body),
+                                 body))
 
     def arm_first_byte(self, seconds: float | None) -> None:
         if seconds:
@@ -114,16 +111,23 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.abort()
             return
         if self.in_head:
-            # h11 bounds a head that is still incomplete; a whole head that came
-            # in a few reads must be bounded too.
+            # llhttp has no bound on the size of the head: this is it
             end = data.find(b"\r\n\r\n")
             self.head_bytes += len(data) if end < 0 else end + 4
             if self.head_bytes > MAX_HEAD_BYTES:
                 self.fail(UpstreamError(f"upstream answer is not valid HTTP/1.x: over "
                                         f"{MAX_HEAD_BYTES} bytes of headers"))
                 return
-        self.h11.receive_data(data)
-        self.pump()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as e:
+            if self.complete:  # garbage after a complete answer: keep the answer, not the line
+                self.extra = True
+            else:
+                where = "its headers" if self.in_head else "its body"
+                self.fail(UpstreamError(f"upstream answer is not valid HTTP/1.x ({where}): {e}"))
+                return
+        self.wake()
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -137,57 +141,55 @@ class UpstreamConnection(asyncio.Protocol):
     def finish_at_close(self, exc=None) -> None:
         if self.complete or self.error is not None:
             return
-        if exc is None and self.busy:
-            with contextlib.suppress(RuntimeError):
-                self.h11.receive_data(b"")
-            self.pump(at_close=True)
-            if self.complete or self.error is not None:
-                return
+        if exc is None and self.busy and not self.in_head and not self.framed:
+            self.complete = True  # a body that ends with the connection (HTTP/1.0)
+            self.wake(force=True)
+            return
         why = f": {exc}" if exc else ""
         where = "before answering" if self.in_head else "in the middle of its answer"
         self.error = UpstreamError(f"upstream closed the connection {where}{why}")
         self.wake(force=True)
 
-    # -- parsing ------------------------------------------------------------
+    # -- httptools callbacks --------------------------------------------------
 
-    def pump(self, at_close: bool = False) -> None:
-        """Take every event h11 can parse from what came in."""
-        conn = self.h11
-        try:
-            while True:
-                event = conn.next_event()
-                kind = type(event)
-                if kind is Data:
-                    self.take(bytes(event.data))
-                elif event is NEED_DATA or event is PAUSED:
-                    break
-                elif kind is Response:
-                    self.status, self.in_head = event.status_code, False
-                    if self.first_byte_timer is not None:
-                        self.first_byte_timer.cancel()
-                        self.first_byte_timer = None
-                elif kind is EndOfMessage:
-                    self.complete = True
-                    break
-                elif kind is InformationalResponse:
-                    continue  # an interim answer (100 Continue): the real one follows
-                else:  # ConnectionClosed
-                    break
-        except h11.RemoteProtocolError as e:
-            if at_close:
-                return  # finish_at_close says where it broke off
-            where = "its headers" if self.in_head else "its body"
-            self.fail(UpstreamError(f"upstream answer is not valid HTTP/1.x ({where}): {e}"))
+    def on_message_begin(self) -> None:
+        if self.complete:
+            self.extra = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() in FRAMING_HEADERS:
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        if self.complete:
             return
-        self.wake()
+        status = self.parser.get_status_code()
+        if status < 200:
+            self.framed = False  # an interim answer (100 Continue): the real one follows
+            return
+        self.status, self.in_head = status, False
+        self.keep_alive = self.parser.should_keep_alive()
+        if status in (204, 304):
+            self.framed = True
+        if self.first_byte_timer is not None:
+            self.first_byte_timer.cancel()
+            self.first_byte_timer = None
+
+    def on_body(self, body: bytes) -> None:
+        if not self.complete:
+            self.take(body)
+
+    def on_message_complete(self) -> None:
+        if not self.in_head:
+            self.complete = True
 
     def take(self, piece: bytes) -> None:
         if not piece:
             return
         self.body.append(piece)
         self.body_size += len(piece)
-        if self.on_body is not None:
-            self.on_body(piece)
+        if self.listener is not None:
+            self.listener(piece)
         if self.want == "some" and self.body_size > HIGH_WATER and not self.paused:
             self.paused = True
             self.transport.pause_reading()
@@ -246,14 +248,14 @@ class UpstreamConnection(asyncio.Protocol):
         if on_body is not None:
             for piece in self.body:
                 on_body(piece)
-            self.on_body = on_body
+            self.listener = on_body
         try:
             while not self.complete:
                 if self.error is not None:
                     raise self.error
                 await self.wait("all")
         finally:
-            self.on_body = None
+            self.listener = None
         if self.error is not None:
             raise self.error
         data = b"".join(self.body)
@@ -266,10 +268,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     @property
     def reusable(self) -> bool:
-        conn = self.h11
-        return (self.complete and not self.closed and self.error is None
-                and conn.our_state is h11.DONE and conn.their_state is h11.DONE
-                and not conn.trailing_data[0])
+        return (self.complete and self.keep_alive and not self.closed and not self.extra
+                and self.error is None)
 
     def abort(self, reset: bool = False) -> None:
         """Close now; with reset, by a TCP reset rather than a FIN.
