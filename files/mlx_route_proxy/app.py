@@ -439,7 +439,12 @@ class Proxy:
             if state["done"] or state["bad"] is not None:
                 return
             try:
-                for event in splitter.feed(piece):
+                if (piece.startswith(b"data: ") and piece.endswith(b"\n\n")
+                        and piece.find(b"\n") == len(piece) - 2 and not splitter.pending):
+                    events = (piece[:-2],)  # one whole event in one piece: the usual case
+                else:
+                    events = splitter.feed(piece)
+                for event in events:
                     payload = event_data(event)
                     if payload is None:
                         continue
