@@ -92,3 +92,13 @@ def test_proxy_key_is_made_on_host_private_never_printed_and_rotates(tmp_path):
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert new_key not in rotated.stdout + rotated.stderr
     assert not list(key_file.parent.glob("*.new"))
+
+
+def test_proxy_ships_as_one_reproducible_zipapp_that_runs(tmp_path):
+    from tasks.proxy_artifact import ARTIFACT, build_zipapp, write_zipapp
+
+    assert build_zipapp() == build_zipapp()  # same sources, same bytes: no needless restart
+    pyz = write_zipapp(tmp_path / ARTIFACT)
+    out = subprocess.run([sys.executable, str(pyz), "--help"], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 0 and "--first-byte-timeout-s" in out.stdout, out.stderr

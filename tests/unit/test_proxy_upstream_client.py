@@ -1,4 +1,5 @@
-"""files/proxy.py's own HTTP/1.1 upstream client: framing, errors, reuse.
+"""The proxy's HTTP/1.1 upstream client (mlx_route_proxy.upstream, on httptools):
+framing, errors, reuse.
 
 The parser is fed answers cut at every byte (a real socket may split them
 anywhere); reuse, refusal and the proxy's non-streaming assembly (events cut
