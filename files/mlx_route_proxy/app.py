@@ -30,6 +30,7 @@ STRIPPED_FIELDS = ("model", "draft_model", "adapters")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 OPEN_PATHS = ("/health",)  # answered without the key (with less detail)
+DONE_GRACE_S = 0.5  # after [DONE], how long the upstream may take to end its message
 
 
 class UpstreamDown(Exception):
@@ -284,7 +285,8 @@ class Proxy:
         """An error answer; in-band once a stream's headers are out."""
         sent = request.get("sse")
         if sent is not None:
-            await sse_error(sent, message, kind)
+            if not request.get("sse_done"):  # nothing goes after [DONE]
+                await sse_error(sent, message, kind)
             return sent
         return error(status, message, kind)
 
@@ -371,8 +373,6 @@ class Proxy:
             finished = False  # [DONE] seen
             tail = b""
             while data := await resp.read_some():
-                if finished:
-                    continue  # read to the end (to reuse the connection), dropping the rest
                 if b"data: {" in data:  # tokens are coming: the upstream is healthy
                     self.last_ok = self.now()
                 events = splitter.feed(data)
@@ -386,18 +386,13 @@ class Proxy:
                         await out.write(b"".join(renamed))  # what came before it, then the error
                         raise
                     if e.endswith(b"[DONE]") and event_data(e) == b"[DONE]":
-                        finished = True
+                        finished = True  # anything after [DONE] goes nowhere
                         break
                 renamed = b"".join(renamed)
-                if resp.done:  # the last events go out with the end of our stream: one send
+                if finished or resp.done:  # the last events go out with the end: one send
                     tail = renamed
                     break
                 await out.write(renamed)
-        except Exception:
-            resp.abort(reset=True)
-            if not finished:
-                raise
-            # [DONE] is out: what the upstream does after it is no concern of the client's
         except BaseException:
             resp.abort(reset=True)
             raise
@@ -408,8 +403,18 @@ class Proxy:
             if tail:
                 await out.write(tail)
             raise StreamCut("the upstream stream ended before [DONE]")
-        self.pool.release(resp)
+        request["sse_done"] = True
         await out.write_eof(tail)
+        if not resp.complete:
+            # The client has its whole answer; wait a moment for the upstream's
+            # end of message, to reuse the connection, and never long.
+            try:
+                async with deadline(DONE_GRACE_S):
+                    while await resp.read_some():
+                        pass
+            except (asyncio.TimeoutError, OSError):
+                resp.abort()
+        self.pool.release(resp)
         return out
 
     async def forward_plain(self, path, body, name) -> web.Response:

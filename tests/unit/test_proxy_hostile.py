@@ -409,3 +409,13 @@ def test_an_upstream_that_never_answers_frees_its_slot_at_the_first_byte_timeout
         t0 = time.monotonic()
         r = post(p.url, {"messages": CHAT, "stream": stream})
         assert r.status_code == 504 and time.monotonic() - t0 < 3, (r.status_code, r.text)
+
+
+def test_a_stream_is_over_at_done_even_if_the_upstream_never_closes(raw_upstream, proxy_factory):
+    # Found by the fuzz layer's cousin: [DONE], then the upstream holds the connection open.
+    up = raw_upstream(lambda _: [SSE_HEAD, chunk("a"), b"data: [DONE]\n\n", HANG])
+    p = start(proxy_factory, up.url, "--request-timeout-s", "3")
+    t0 = time.monotonic()
+    r = post(p.url, {"messages": CHAT, "stream": True})
+    assert time.monotonic() - t0 < 2, time.monotonic() - t0
+    assert r.text.endswith("data: [DONE]\n\n") and "error" not in r.text, r.text
