@@ -23,6 +23,8 @@ def start_proxy():
     svc = route_services()[PROXY]
     artifact = build_zipapp()
     files.put(name=f"Upload {ARTIFACT}", src=io.BytesIO(artifact), dest=p.script(ARTIFACT))
+    files.file(name="Remove the one-file proxy.py of earlier deploys", path=p.script("proxy.py"),
+               present=False)
     key_file = proxy_key_file(p)
     q = shlex.quote
 
