@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Direct vs through files/proxy.py: what the proxy costs and what it saves.
+"""Direct vs through the proxy (the zipapp the deploy ships): what it costs and saves.
 
     python bench/proxy_bench.py                       # against the stand-in upstream
     python bench/proxy_bench.py --mlx-model DIR       # against a real mlx_lm.server
@@ -287,11 +287,14 @@ def main() -> int:
     ap.add_argument("--leave-tokens", type=int, default=200,
                     help="max_tokens of the leave test (the real server: keep under its "
                          "--max-tokens)")
+    ap.add_argument("--proxy", default=None,
+                    help="proxy to run (a .pyz or a .py); default: the zipapp built from "
+                         "files/mlx_route_proxy, as the deploy ships it")
     ap.add_argument("--leave-after-s", type=float, default=0.5,
                     help="the non-streaming client's own timeout")
     a = ap.parse_args()
     py = sys.executable
-    procs, logs = [], []
+    procs, logs, built = [], [], None
     up_port, proxy_port = free_port(), free_port()
     stub = a.mlx_model is None
     try:
@@ -308,8 +311,14 @@ def main() -> int:
                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
         procs.append(up)
         wait_port(up_port, up, 120)
+        if a.proxy is None:
+            sys.path.insert(0, str(REPO))
+            from tasks.proxy_artifact import write_zipapp
+
+            a.proxy = str(write_zipapp(REPO / "bench" / f".proxy_{proxy_port}.pyz"))
+            built = a.proxy
         proxy = subprocess.Popen(
-            [py, str(REPO / "files" / "proxy.py"), "--port", str(proxy_port), "--upstream",
+            [py, a.proxy, "--port", str(proxy_port), "--upstream",
              f"http://127.0.0.1:{up_port}", "--concurrency", str(a.clients), "--queue",
              str(4 * a.clients), "--log-level", "WARNING"], cwd=REPO)
         procs.append(proxy)
@@ -339,6 +348,8 @@ def main() -> int:
         for log in logs:
             os.unlink(log.name)
             log.close()
+        if built:
+            os.unlink(built)
     out = Path(a.out or REPO / "bench" / "results" /
                f"proxy_{'stub' if stub else 'mlx'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

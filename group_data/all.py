@@ -261,7 +261,7 @@ server_prompt_cache_fraction = 0.5
 server_restart_strategy = "auto"
 
 # --------------------------------------------------------------------------
-# proxy_*: the OpenAI-compatible front door (files/proxy.py)
+# proxy_*: the OpenAI-compatible front door (files/mlx_route_proxy, shipped as proxy.pyz)
 # --------------------------------------------------------------------------
 
 # Address the proxy listens on. "0.0.0.0" makes it LAN-visible and then
@@ -279,7 +279,7 @@ proxy_api_key = False
 # Set True for one run to replace the key with a new one.
 proxy_rotate_key = False
 
-# Limits (files/proxy.py flags in brackets; None keeps the proxy's default).
+# Limits (proxy flags in brackets, `python proxy.pyz --help`; None keeps the proxy's default).
 # Largest request body in bytes; a 200k-token transcript is about 1 MB [--max-body-bytes].
 proxy_max_body_bytes = 4194304
 # Generations forwarded to mlx_lm.server at once [--concurrency], and how many
@@ -290,6 +290,12 @@ proxy_queue = 32
 # stopped when it passes. Long agent prompts prefill slowly (the seed: ~114
 # tok/s, 29 min for 200k tokens) [--request-timeout-s].
 proxy_request_timeout_s = 1800
+# Seconds mlx_lm.server has to start answering a generation (its status line,
+# sent when the request joins its batch, before prefill; prefill progress then
+# comes as `: keepalive` lines). An upstream that takes the request and never
+# answers frees the slot after this, with 504, not after the whole deadline
+# [--first-byte-timeout-s].
+proxy_first_byte_timeout_s = 300
 # Seconds a client has to send its headers / its body [--header-timeout-s,
 # --body-timeout-s]: slow or stuck clients are cut off, never block others.
 proxy_header_timeout_s = 10

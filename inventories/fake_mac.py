@@ -82,7 +82,7 @@ def existing_dir(path: str, user: str = USER, group: str = GROUP, mode: str = "7
 def existing_file(path: str, content: str, user: str = USER, group: str = GROUP,
                   mode: str = "644") -> dict:
     q = shlex.quote(path)
-    data = content.encode()
+    data = content.encode("utf-8", "surrogateescape")  # binary uploads round-trip
     return {
         f"! (test -e {q} || test -L {q} )": stat_line(path, "file", user, group, mode, len(data)),
         f"sha1sum {q} 2>": f"{hashlib.sha1(data).hexdigest()}  {path}",

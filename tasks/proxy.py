@@ -1,7 +1,9 @@
-"""The OpenAI-compatible proxy in front of mlx_lm.server (files/proxy.py)."""
+"""The OpenAI-compatible proxy in front of mlx_lm.server (files/mlx_route_proxy, shipped
+as one zipapp built by tasks/proxy_artifact.py)."""
 
 from __future__ import annotations
 
+import io
 import posixpath
 import shlex
 
@@ -10,7 +12,8 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
 from tasks.backends import select_backend
-from tasks.common import paths, repo_file
+from tasks.common import paths
+from tasks.proxy_artifact import ARTIFACT, build_zipapp
 from tasks.services import PROXY, deploy_service, proxy_key_file, route_services
 
 
@@ -19,8 +22,10 @@ def start_proxy():
     p = paths()
     backend = select_backend()
     svc = route_services()[PROXY]
-    script = repo_file("files/proxy.py")
-    files.put(name="Upload proxy.py", src=str(script), dest=p.script("proxy.py"))
+    artifact = build_zipapp()
+    files.put(name=f"Upload {ARTIFACT}", src=io.BytesIO(artifact), dest=p.script(ARTIFACT))
+    files.file(name="Remove the one-file proxy.py of earlier deploys", path=p.script("proxy.py"),
+               present=False)
     key_file = proxy_key_file(p)
     q = shlex.quote
 
@@ -41,7 +46,7 @@ def start_proxy():
         )
 
     deploy_service(
-        backend, svc, [script.read_bytes(), str(bool(key_file))],
+        backend, svc, [artifact, str(bool(key_file))],
         after_restart=wait_ready,
         # the proxy reads its key at start: a new key needs a restart
         force=bool(key_file and host.data.get("proxy_rotate_key")),

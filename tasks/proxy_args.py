@@ -1,4 +1,4 @@
-"""The proxy's command line, built from host data (files/proxy.py --help).
+"""The proxy's command line, built from host data (`python proxy.pyz --help`).
 
 Kept apart from the task modules so it is a plain function: the service
 description calls it, and tests check it against the proxy's own parser.
@@ -6,12 +6,13 @@ description calls it, and tests check it against the proxy's own parser.
 
 from __future__ import annotations
 
-# data key -> flag of files/proxy.py; a key set to None leaves the proxy's default.
+# data key -> flag of the proxy (files/mlx_route_proxy/cli.py); a key set to None leaves the proxy's default.
 LIMIT_FLAGS = {
     "proxy_max_body_bytes": "--max-body-bytes",
     "proxy_concurrency": "--concurrency",
     "proxy_queue": "--queue",
     "proxy_request_timeout_s": "--request-timeout-s",
+    "proxy_first_byte_timeout_s": "--first-byte-timeout-s",
     "proxy_header_timeout_s": "--header-timeout-s",
     "proxy_body_timeout_s": "--body-timeout-s",
     "proxy_probe_timeout_s": "--probe-timeout-s",

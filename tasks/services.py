@@ -78,8 +78,9 @@ def proxy_key_file(p: RoutePaths) -> str | None:
 
 def proxy_argv(p: RoutePaths, prof: dict) -> list[str]:
     from tasks.proxy_args import proxy_argv as build
+    from tasks.proxy_artifact import ARTIFACT
 
-    return build(p.python, p.script("proxy.py"), proxy_key_file(p), host.data, public_name(prof),
+    return build(p.python, p.script(ARTIFACT), proxy_key_file(p), host.data, public_name(prof),
                  maintenance_file(p))
 
 

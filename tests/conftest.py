@@ -4,6 +4,7 @@ pytest_plugins = [
     "tests.fixtures.artifacts",
     "tests.fixtures.proxy",
     "tests.fixtures.upstream_stub",
+    "tests.fixtures.raw_upstream",
     "tests.fixtures.hubstub",
     "tests.fixtures.tiny_glm",
     "tests.fixtures.smollm2",

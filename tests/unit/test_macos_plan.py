@@ -71,7 +71,7 @@ def index(commands: list[str], pattern: str) -> int:
 
 def test_fresh_mac_gets_every_file_with_launchd_ownership(fresh):
     for path in (STAGED, PROXY_PLIST, BOOT_PLIST, NEWSYSLOG, f"{ROUTE}/route.json",
-                 f"{ROUTE}/bin/routectl.py", f"{ROUTE}/bin/proxy.py",
+                 f"{ROUTE}/bin/routectl.py", f"{ROUTE}/bin/proxy.pyz",
                  f"{ROUTE}/state/server.applied", f"{ROUTE}/state/proxy.applied"):
         assert path in fresh.uploads, f"{path} is not sent to the Mac"
     for path in (PROXY_PLIST, BOOT_PLIST, NEWSYSLOG):
@@ -155,7 +155,7 @@ def test_service_plists_carry_the_shared_service_description(fresh):
     # the quotes of the profile's JSON survive XML escaping
     assert json.loads(argv[argv.index("--chat-template-args") + 1]) == {
         "enable_thinking": False, "reasoning_effort": None}
-    assert proxy["ProgramArguments"][1] == f"{ROUTE}/bin/proxy.py"
+    assert proxy["ProgramArguments"][1] == f"{ROUTE}/bin/proxy.pyz"
     for plist, name in ((server, "server"), (proxy, "proxy")):
         env = plist["EnvironmentVariables"]
         assert {"/opt/homebrew/bin", "/usr/local/bin"} <= set(env["PATH"].split(":"))

@@ -6,7 +6,6 @@ machine) with route_home in a temporary folder.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import runpy
 import stat
@@ -24,10 +23,8 @@ PYINFRA = Path(sys.executable).with_name("pyinfra")
 
 
 def load_proxy_module():
-    spec = importlib.util.spec_from_file_location("proxy_under_test", REPO / "files/proxy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from tests.fixtures.proxy import load_proxy
+    return load_proxy()
 
 
 def group_data() -> dict:
@@ -97,3 +94,13 @@ def test_proxy_key_is_made_on_host_private_never_printed_and_rotates(tmp_path):
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     assert new_key not in rotated.stdout + rotated.stderr
     assert not list(key_file.parent.glob("*.new"))
+
+
+def test_proxy_ships_as_one_reproducible_zipapp_that_runs(tmp_path):
+    from tasks.proxy_artifact import ARTIFACT, build_zipapp, write_zipapp
+
+    assert build_zipapp() == build_zipapp()  # same sources, same bytes: no needless restart
+    pyz = write_zipapp(tmp_path / ARTIFACT)
+    out = subprocess.run([sys.executable, str(pyz), "--help"], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 0 and "--first-byte-timeout-s" in out.stdout, out.stderr

@@ -1,4 +1,4 @@
-"""files/proxy.py in front of a real mlx_lm.server serving SmolLM2-135M.
+"""The proxy (the proxy.pyz zipapp) in front of a real mlx_lm.server serving SmolLM2-135M.
 
 The client is the official openai SDK. "The server stops generating" is
 observed from outside, as an operator would: the server process's CPU time

@@ -1,4 +1,4 @@
-"""files/proxy.py against the stand-in upstream (tests/fixtures/upstream_stub.py).
+"""The proxy (the proxy.pyz zipapp) against the stand-in upstream (tests/fixtures/upstream_stub.py).
 
 The stand-in is used where the real mlx_lm.server cannot fail on demand
 (loading forever, refusing, dying, a chosen token pace, telling when it

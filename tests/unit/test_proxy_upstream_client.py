@@ -1,4 +1,5 @@
-"""files/proxy.py's own HTTP/1.1 upstream client: framing, errors, reuse.
+"""The proxy's HTTP/1.1 upstream client (mlx_route_proxy.upstream, on httptools):
+framing, errors, reuse.
 
 The parser is fed answers cut at every byte (a real socket may split them
 anywhere); reuse, refusal and the proxy's non-streaming assembly (events cut
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import socket
 import threading
 import time
@@ -22,10 +22,9 @@ import pytest
 
 pytestmark = pytest.mark.timeout(30)
 
-spec = importlib.util.spec_from_file_location(
-    "proxy_client_under_test", Path(__file__).resolve().parents[2] / "files/proxy.py")
-proxy = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(proxy)
+from tests.fixtures.proxy import load_proxy
+
+proxy = load_proxy()
 
 CHUNKED = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
            b"Transfer-Encoding: chunked\r\n\r\n"
@@ -43,6 +42,12 @@ class Transport:
     def abort(self):
         self.aborted = True
 
+    def write(self, data):
+        pass
+
+    def is_closing(self):
+        return self.aborted
+
     def pause_reading(self):
         self.paused = True
 
@@ -59,6 +64,7 @@ def feed(answer: bytes, step: int, close: bool = False):
     conn = proxy.UpstreamConnection(loop)
     conn.connection_made(Transport())
     conn.busy = True
+    conn.send_request("/v1/chat/completions", "upstream", b"{}")
     body = b""
     for i in range(0, len(answer), step):
         conn.data_received(answer[i:i + step])
@@ -102,16 +108,20 @@ def test_client_says_when_the_upstream_closes_mid_answer(answer, problem):
     assert not conn.reusable
 
 
-@pytest.mark.parametrize("answer, problem", [
-    (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "not HTTP/1.x"),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunked encoding"),
-    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY", "chunked encoding"),
-    (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "Content-Length"),
-    (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (70 * 1024), "bytes of headers"),
+@pytest.mark.parametrize("answer, step", [
+    (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", 1000),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 1000),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXY", 1000),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", 1000),
+    (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (70 * 1024), 1000),
+    # Issue 15: the old parser checked the size of each read, not of the head.
+    (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * (100 * 1024) + b"\r\n\r\n", 60 * 1024),
+    (b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\n{}", 1000),  # read as 200 before
 ])
-def test_client_refuses_answers_that_are_not_http(answer, problem):
-    conn, _ = feed(answer, 1000)
-    assert isinstance(conn.error, proxy.UpstreamError) and problem in str(conn.error)
+def test_client_refuses_answers_that_are_not_http(answer, step):
+    conn, _ = feed(answer, step)
+    assert isinstance(conn.error, proxy.UpstreamError), conn.error
+    assert "not valid HTTP/1.x" in str(conn.error)
     assert conn.transport.aborted
 
 

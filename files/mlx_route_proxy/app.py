@@ -1,0 +1,584 @@
+"""The aiohttp application: handlers, the key check, readiness, forwarding."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import math
+import sys
+
+from aiohttp import ClientError, web
+
+from . import metrics as metrics_mod
+from .admission import Gate, QueueFull
+from .metrics import GENERATION_PATHS, Metrics
+from .sse import Assembler, BadUpstream, EventSplitter, dumps, event_data, loads, rename_event
+from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as deadline
+else:  # aiohttp depends on async-timeout below 3.11
+    from async_timeout import timeout as deadline
+
+log = logging.getLogger("mlx-route-proxy")
+
+# Request fields that make mlx_lm.server load something from disk.
+STRIPPED_FIELDS = ("model", "draft_model", "adapters")
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+OPEN_PATHS = ("/health",)  # answered without the key (with less detail)
+DONE_GRACE_S = 0.5  # after [DONE], how long the upstream may take to end its message
+
+
+class UpstreamDown(Exception):
+    """The upstream cannot take requests now (refused, reset, dying, loading)."""
+
+
+class StreamCut(ConnectionError):
+    """The upstream's stream ended before `data: [DONE]`."""
+
+
+def error(status: int, message: str, kind: str, headers: dict | None = None) -> web.Response:
+    """An OpenAI-shaped error, which the openai SDK turns into a typed exception."""
+    return web.json_response({"error": {"message": message, "type": kind, "code": status}},
+                             status=status, headers=headers)
+
+
+async def sse_error(out: web.StreamResponse, message: str, kind: str) -> None:
+    """An error event for a stream already under way (the openai SDK raises it)."""
+    try:
+        await out.write(b"data: " + json.dumps(
+            {"error": {"message": message, "type": kind}}).encode() + b"\n\n")
+        await out.write_eof()
+    except (ConnectionResetError, OSError, RuntimeError):
+        pass
+
+
+class Proxy:
+    def __init__(self, args: argparse.Namespace, key: bytes | None):
+        self.args = args
+        self.key = key
+        self.upstream = args.upstream.rstrip("/")
+        self.gate = Gate(args.concurrency, args.queue)
+        self.metrics = Metrics()
+        self.pool = Upstream(args.upstream, args.connect_timeout_s, keep=args.concurrency + 2,
+                             first_byte_timeout_s=args.first_byte_timeout_s)
+        self.ready = False
+        self.last_ok = -math.inf  # loop time of the last proof of readiness
+        self.last_probe = -math.inf  # loop time the last probe started
+        self.last_problem = "not probed yet"
+        self.probe_task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.recover_task: asyncio.Task | None = None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(self, app: web.Application) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.mark_down("not probed yet")
+
+    async def stop(self, app: web.Application) -> None:
+        for task in (self.probe_task, self.recover_task):
+            if task is not None:
+                task.cancel()
+        self.pool.close()
+
+    # -- readiness ----------------------------------------------------------
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    def mark_ok(self) -> None:
+        self.ready = True
+        self.last_ok = self.now()
+
+    def mark_down(self, problem: str) -> None:
+        self.last_problem = problem
+        if self.ready:
+            log.warning("upstream not ready: %s", problem)
+        self.ready = False
+        if self.recover_task is None or self.recover_task.done():
+            self.recover_task = asyncio.ensure_future(self.recover())
+
+    async def recover(self) -> None:
+        """Probe until the upstream generates again."""
+        while not self.ready:
+            if await self.probe():
+                log.info("upstream ready: %s", self.upstream)
+                return
+            await asyncio.sleep(self.args.retry_after_ms / 1000)
+
+    def probing(self) -> bool:
+        return self.probe_task is not None and not self.probe_task.done()
+
+    def probe(self) -> asyncio.Future:
+        """One shared 1-token generation; callers may stop waiting, it goes on."""
+        if not self.probing():
+            self.last_probe = self.now()
+            self.probe_task = asyncio.ensure_future(self._probe())
+        return asyncio.shield(self.probe_task)
+
+    async def _probe(self) -> bool:
+        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                           "stream": True}).encode()
+        conn = None
+        try:
+            async with deadline(self.args.probe_timeout_s):
+                conn = await self.pool.post("/v1/chat/completions", body, wait_head=False,
+                                            first_byte=False)
+                # Read to the end: leaving early makes the server log a
+                # broken pipe for every probe.
+                raw = await conn.read_all()
+                self.pool.release(conn)
+                if conn.status != 200:
+                    text = raw[:200].decode("utf-8", "replace")
+                    self.metrics.upstream_error("probe")
+                    self.last_problem = f"probe answered {conn.status}: {text}"
+                    if conn.status >= 500 or "generation thread died" in text:
+                        self.ready = False
+                    return False
+                if raw.startswith(b"data: {") or b"\ndata: {" in raw:
+                    self.mark_ok()
+                    return True
+                self.last_problem = "probe stream ended without a token"
+        except asyncio.TimeoutError:
+            self.last_problem = (f"no token within {self.args.probe_timeout_s:g} s "
+                                 f"(model still loading?)")
+        except OSError as e:
+            self.last_problem = f"cannot reach {self.upstream}: {e or type(e).__name__}"
+        finally:
+            if conn is not None and not conn.done:
+                conn.abort()
+        self.metrics.upstream_error("probe")
+        return False
+
+    # -- responses ----------------------------------------------------------
+
+    def retry_headers(self) -> dict:
+        ms = self.args.retry_after_ms
+        return {"Retry-After": str(math.ceil(ms / 1000)), "retry-after-ms": str(ms)}
+
+    def maintenance(self) -> str | None:
+        """The deploy's note while it restarts the server, or None (read on error paths only)."""
+        if not self.args.maintenance_file:
+            return None
+        try:
+            with open(self.args.maintenance_file) as handle:
+                note = json.load(handle)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(note, dict):
+            return None
+        return str(note.get("message") or "the model is restarting")
+
+    def unavailable(self, problem: str) -> web.Response:
+        note = self.maintenance()
+        if note:
+            return error(503, f"{note}; retry after {math.ceil(self.args.retry_after_ms / 1000)} s",
+                         "upstream_restarting", self.retry_headers())
+        return error(503, f"upstream not ready: {problem}", "upstream_unavailable",
+                     self.retry_headers())
+
+    def authorized(self, request: web.Request) -> bool:
+        """One `Authorization: Bearer <key>` header with the key; any bytes are fine."""
+        if self.key is None:
+            return True
+        given = request.headers.getall("Authorization", ())
+        if len(given) != 1:
+            return False
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives them back.
+        raw = given[0].encode("utf-8", "surrogateescape")
+        scheme, _, token = raw.partition(b" ")
+        # compare_digest runs in time independent of where the strings differ
+        return hmac.compare_digest(token.strip(), self.key) and scheme.lower() == b"bearer"
+
+    def unauthorized(self) -> web.Response:
+        return error(401, "missing or wrong API key: send 'Authorization: Bearer "
+                          "<key>' (the key is in proxy.key on the host)", "authentication_error",
+                          {"WWW-Authenticate": "Bearer"})
+
+    # -- handlers -----------------------------------------------------------
+
+    async def handle_generation(self, request: web.Request) -> web.StreamResponse:
+        started = self.now()
+        path = request.path
+        if request.method != "POST":
+            return error(405, f"{path} takes POST", "invalid_request_error", {"Allow": "POST"})
+        if (request.content_length or 0) > self.args.max_body_bytes:
+            return self.too_large()
+        try:
+            if request.content.is_eof():  # the body came with the headers: no timer needed
+                raw = await request.read()
+            else:
+                async with deadline(self.args.body_timeout_s):
+                    raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self.too_large()
+        except asyncio.TimeoutError:
+            return error(408, f"request body not received within {self.args.body_timeout_s:g} s",
+                         "invalid_request_error")
+        try:
+            body = loads(raw)
+        except ValueError as e:
+            return error(400, f"request body is not valid JSON: {e}", "invalid_request_error")
+        if not isinstance(body, dict):
+            return error(400, "request body must be a JSON object", "invalid_request_error")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            return error(400, "'stream' must be true or false", "invalid_request_error")
+        name = body.get("model") or self.args.public_name
+        if not isinstance(name, str):
+            return error(400, "'model' must be a string", "invalid_request_error")
+        logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+        if logprobs is not None and not isinstance(logprobs, (bool, int)):
+            return error(400, "'logprobs' must be a boolean or an integer",
+                         "invalid_request_error")
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int)):
+            return error(400, "'top_logprobs' must be an integer", "invalid_request_error")
+        untouched = raw  # forwarded as the client wrote it unless a field goes
+        for field in STRIPPED_FIELDS:
+            if field in body:
+                del body[field]
+                untouched = None
+        if not self.ready:
+            return self.unavailable(self.last_problem)
+
+        acquired = False
+        end = started + self.args.request_timeout_s
+        try:
+            async with deadline(max(0.0, end - self.now())):
+                try:
+                    await self.gate.acquire()
+                except QueueFull:
+                    return error(429, f"{self.gate.limit} generations running and "
+                                 f"{self.gate.queue} waiting; retry later", "rate_limit_error",
+                                 self.retry_headers())
+                acquired = True
+                if stream:
+                    return await self.forward_stream(request, path, body, name, untouched)
+                if logprobs or (top or 0) > 0:
+                    resp = await self.forward_plain(path, body, name)
+                else:
+                    resp = await self.forward_assembled(path, body, name)
+                if self.now() > end:  # assembly is linear, but the deadline is the deadline
+                    raise asyncio.TimeoutError
+                return resp
+        except asyncio.TimeoutError:
+            self.metrics.cancel("deadline")
+            msg = f"no complete answer within --request-timeout-s {self.args.request_timeout_s:g}"
+            return await self.fail(request, 504, msg, "timeout")
+        except FirstByteTimeout as e:
+            self.metrics.cancel("first_byte")
+            self.metrics.upstream_error("first_byte_timeout")
+            return await self.fail(request, 504, f"{e} (--first-byte-timeout-s)", "timeout")
+        except UpstreamDown as e:
+            self.mark_down(str(e))
+            return self.unavailable(str(e))
+        except BadUpstream as e:
+            self.metrics.upstream_error("malformed")
+            return await self.fail(request, 502, f"upstream sent a malformed answer: {e}",
+                                   "upstream_error")
+        except asyncio.CancelledError:
+            self.metrics.cancel("client_left")
+            raise
+        except (ConnectionResetError, ClientError, OSError) as e:
+            if request.transport is None or request.transport.is_closing():
+                self.metrics.cancel("client_left")  # we were writing to a client that left
+                sent = request.get("sse")
+                return sent if sent is not None else error(499, "client left", "client_left")
+            self.metrics.upstream_error("broken_stream")
+            self.mark_down(f"upstream stream broke: {e or type(e).__name__}")
+            if request.get("sse") is None and self.maintenance():
+                # the deploy stopped the server and nothing was sent yet: retry
+                return self.unavailable(str(e))
+            return await self.fail(request, 502,
+                                   f"upstream broke off the answer: {e or type(e).__name__}",
+                                   "upstream_error")
+        finally:
+            if acquired:
+                self.gate.release()
+
+    async def fail(self, request, status: int, message: str, kind: str) -> web.StreamResponse:
+        """An error answer; in-band once a stream's headers are out."""
+        sent = request.get("sse")
+        if sent is not None:
+            if not request.get("sse_done"):  # nothing goes after [DONE]
+                await sse_error(sent, message, kind)
+            return sent
+        return error(status, message, kind)
+
+    def too_large(self) -> web.Response:
+        return error(413, f"request body over --max-body-bytes {self.args.max_body_bytes}",
+                     "invalid_request_error")
+
+    async def open_upstream(self, path: str, body: dict, raw: bytes | None = None):
+        """POST to the upstream; UpstreamDown when it cannot take the request."""
+        try:
+            conn = await self.pool.post(path, raw or dumps(body))
+        except FirstByteTimeout:
+            raise
+        except OSError as e:
+            self.metrics.upstream_error("connect")
+            raise UpstreamDown(f"cannot reach {self.upstream}: {e or type(e).__name__}") from e
+        if conn.status != 200:
+            try:
+                raw = await conn.read_all()
+            except BaseException:
+                conn.abort()
+                raise
+            self.pool.release(conn)
+            if conn.status >= 500 or b"generation thread died" in raw:
+                self.metrics.upstream_error(f"status_{conn.status}")
+                raise UpstreamDown(f"upstream answered {conn.status}: "
+                                   f"{raw[:200].decode('utf-8', 'replace')}")
+            return conn, raw
+        return conn, None
+
+    async def exchange(self, path: str, body: dict, on_body=None):
+        """POST and read the whole answer, waking once; UpstreamDown as open_upstream."""
+        conn = None
+        try:
+            conn = await self.pool.post(path, dumps(body), wait_head=False)
+            raw = await conn.read_all(on_body)
+        except FirstByteTimeout:
+            conn.abort(reset=True)
+            raise
+        except OSError as e:
+            if conn is None or conn.status == 0:  # no answer at all: as a failed connect
+                if conn is not None:
+                    conn.abort()
+                self.metrics.upstream_error("connect")
+                raise UpstreamDown(f"cannot reach {self.upstream}: {e or type(e).__name__}") from e
+            conn.abort(reset=True)
+            raise
+        except BaseException:
+            if conn is not None:
+                conn.abort(reset=True)
+            raise
+        self.pool.release(conn)
+        if conn.status != 200 and (conn.status >= 500 or b"generation thread died" in raw):
+            self.metrics.upstream_error(f"status_{conn.status}")
+            raise UpstreamDown(f"upstream answered {conn.status}: "
+                               f"{raw[:200].decode('utf-8', 'replace')}")
+        return conn, raw
+
+    def passthrough_error(self, resp: UpstreamConnection, raw: bytes) -> web.Response:
+        """The upstream's own error (a 4xx: bad request, unknown model), OpenAI-shaped."""
+        status = resp.status if 400 <= resp.status < 500 else 502
+        try:
+            payload = loads(raw)
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+            return web.json_response(payload, status=status)
+        if isinstance(payload, dict) and isinstance(payload.get("error"), str):
+            message = payload["error"]
+        else:
+            message = raw[:1000].decode("utf-8", "replace")
+        return error(status, message, "upstream_error")
+
+    async def forward_stream(self, request, path, body, name, untouched=None):
+        resp, raw = await self.open_upstream(path, body, untouched)
+        if raw is not None:
+            return self.passthrough_error(resp, raw)
+        try:
+            out = web.StreamResponse(status=200, headers=SSE_HEADERS)
+            await out.prepare(request)
+            request["sse"] = out
+            splitter = EventSplitter()
+            field = b'"model": ' + json.dumps(name).encode()
+            finished = False  # [DONE] seen
+            tail = b""
+            while data := await resp.read_some():
+                if b"data: {" in data:  # tokens are coming: the upstream is healthy
+                    self.last_ok = self.now()
+                events = splitter.feed(data)
+                if not events:
+                    continue
+                renamed = []
+                for e in events:
+                    try:
+                        renamed.append(rename_event(e, name, field))
+                    except BadUpstream:
+                        await out.write(b"".join(renamed))  # what came before it, then the error
+                        raise
+                    if e.endswith(b"[DONE]") and event_data(e) == b"[DONE]":
+                        finished = True  # anything after [DONE] goes nowhere
+                        break
+                renamed = b"".join(renamed)
+                if finished or resp.done:  # the last events go out with the end: one send
+                    tail = renamed
+                    break
+                await out.write(renamed)
+        except BaseException:
+            resp.abort(reset=True)
+            raise
+        if not finished:
+            # Cut off (mlx_lm.server streams until it closes the connection): a
+            # partial last event is dropped, and the client is told in-band.
+            resp.abort()
+            if tail:
+                await out.write(tail)
+            raise StreamCut("the upstream stream ended before [DONE]")
+        request["sse_done"] = True
+        await out.write_eof(tail)
+        if not resp.complete:
+            # The client has its whole answer; wait a moment for the upstream's
+            # end of message, to reuse the connection, and never long.
+            try:
+                async with deadline(DONE_GRACE_S):
+                    while await resp.read_some():
+                        pass
+            except (asyncio.TimeoutError, OSError):
+                resp.abort()
+        self.pool.release(resp)
+        return out
+
+    async def forward_plain(self, path, body, name) -> web.Response:
+        resp, raw = await self.exchange(path, body)
+        if resp.status != 200:
+            return self.passthrough_error(resp, raw)
+        try:
+            reply = loads(raw)
+        except ValueError as e:
+            raise BadUpstream(f"reply is not valid JSON: {e}") from None
+        self.mark_ok()
+        if isinstance(reply, dict) and "model" in reply:
+            reply["model"] = name
+        return web.json_response(reply)
+
+    async def forward_assembled(self, path, body, name) -> web.Response:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        # Events are parsed and merged as they arrive, while the upstream is
+        # still writing the next ones: linear in the answer, and other clients
+        # are served between the pieces.
+        assembler = Assembler(name)
+        splitter = EventSplitter()
+        state = {"done": False, "bad": None}
+
+        def parse(piece: bytes) -> None:
+            if state["done"] or state["bad"] is not None:
+                return
+            try:
+                if (piece.startswith(b"data: ") and piece.endswith(b"\n\n")
+                        and piece.find(b"\n") == len(piece) - 2 and not splitter.pending):
+                    events = (piece[:-2],)  # one whole event in one piece: the usual case
+                else:
+                    events = splitter.feed(piece)
+                for event in events:
+                    payload = event_data(event)
+                    if payload is None:
+                        continue
+                    if payload == b"[DONE]":
+                        state["done"] = True
+                        return
+                    self.last_ok = self.now()  # tokens are coming: the upstream is healthy
+                    try:
+                        chunk = loads(payload)
+                    except ValueError as e:
+                        raise BadUpstream(f"event is not valid JSON: {e}") from None
+                    assembler.add(chunk)
+            except BadUpstream as e:
+                state["bad"] = e
+
+        resp, raw = await self.exchange(path, body, parse)
+        if resp.status != 200:
+            return self.passthrough_error(resp, raw)
+        if not state["done"] and state["bad"] is None:
+            parse(b"\n\n")  # a last event without its blank line
+        if state["bad"] is not None:
+            raise state["bad"]
+        if not state["done"]:
+            raise StreamCut("the upstream stream ended before [DONE]")
+        if assembler.error is not None:
+            return error(502, f"upstream error: {assembler.error}", "upstream_error")
+        return web.json_response(assembler.reply())
+
+    async def handle_models(self, request: web.Request) -> web.Response:
+        # Our own answer: mlx_lm.server lists its HF cache and local paths (and
+        # fails with an empty body when the cache folder is missing), not the
+        # one model it serves under the name clients use.
+        entry = {"id": self.args.public_name, "object": "model", "created": 0,
+                 "owned_by": "mlx-route"}
+        wanted = request.match_info.get("name")
+        if wanted is None:
+            return web.json_response({"object": "list", "data": [entry]})
+        if wanted != self.args.public_name:
+            return error(404, f"no model {wanted!r}; this proxy serves "
+                         f"{self.args.public_name!r}", "invalid_request_error")
+        return web.json_response(entry)
+
+    async def handle_health(self, request: web.Request) -> web.Response:
+        # Open without a key so supervisors and load balancers can ask: then it
+        # says ok or unavailable and nothing else, and starts at most one probe
+        # per --health-cache-s (while the upstream is down the proxy probes
+        # on its own). With the key (or with none set): the problem and upstream.
+        trusted = self.authorized(request)
+        now = self.now()
+        fresh = self.ready and now - self.last_ok < self.args.health_cache_s
+        if not fresh:
+            may_probe = trusted or self.probing() or (
+                self.ready and now - self.last_probe >= self.args.health_cache_s)
+            if may_probe:
+                try:
+                    async with deadline(self.args.health_wait_s):
+                        fresh = await self.probe()
+                except asyncio.TimeoutError:
+                    self.last_problem = (f"no token within --health-wait-s "
+                                         f"{self.args.health_wait_s:g}")
+            else:
+                fresh = self.ready
+        if fresh:
+            body = {"status": "ok", "upstream": self.upstream} if trusted else {"status": "ok"}
+            return web.json_response(body)
+        body = {"status": "unavailable"}
+        if trusted:
+            body.update(upstream=self.upstream, problem=self.last_problem)
+        return web.json_response(body, status=503, headers=self.retry_headers())
+
+    async def handle_metrics(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.metrics.render(self.gate.active, len(self.gate.waiters),
+                                                     self.ready),
+                            content_type="text/plain", charset="utf-8")
+
+    async def handle_unknown(self, request: web.Request) -> web.Response:
+        return error(404, f"no route {request.method} {request.path}; this proxy serves POST "
+                     f"{', '.join(GENERATION_PATHS)}, GET /v1/models, /health, /metrics",
+                     "not_found")
+
+
+def auth_middleware(proxy: Proxy):
+    """Every path but /health needs the key (before routing: 401 comes before 404 or 405)."""
+
+    @web.middleware
+    async def check_key(request: web.Request, handler):
+        if proxy.key is not None and request.path not in OPEN_PATHS and not proxy.authorized(
+                request):
+            return proxy.unauthorized()
+        return await handler(request)
+
+    return check_key
+
+
+def build_app(args: argparse.Namespace, key: bytes | None) -> web.Application:
+    proxy = Proxy(args, key)
+    middlewares = [metrics_mod.middleware(proxy.metrics)]
+    if key is not None:
+        middlewares.append(auth_middleware(proxy))
+    # aiohttp's own limit turns a chunked body over the limit into a 413 too.
+    app = web.Application(client_max_size=args.max_body_bytes, middlewares=middlewares)
+    app["proxy"] = proxy
+    for path in GENERATION_PATHS:
+        app.router.add_route("*", path, proxy.handle_generation)
+    app.router.add_get("/v1/models", proxy.handle_models)
+    app.router.add_get("/v1/models/{name:.+}", proxy.handle_models)
+    app.router.add_get("/health", proxy.handle_health)
+    app.router.add_get("/metrics", proxy.handle_metrics)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle_unknown)
+    app.on_startup.append(proxy.start)
+    app.on_cleanup.append(proxy.stop)
+    return app
