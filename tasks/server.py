@@ -28,7 +28,8 @@ from tasks.backends import select_backend
 from tasks.budget import memory_budget, restart_strategy
 from tasks.common import fingerprint, paths, profile, repo_file
 from tasks.release import release_state, wanted_release
-from tasks.services import SERVER, maintenance_file, route_services, stamp_path
+from tasks.services import (SERVER, maintenance_file, record_started, route_services,
+                            stamp_path)
 
 def flag_value(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
@@ -119,11 +120,7 @@ def start_server():
                                  protected_releases())],
         _sudo=backend.sudo,
     )
-    files.put(
-        name=f"Record the {svc.name} as started ({desired})",
-        src=StringIO(desired + "\n"),
-        dest=stamp_path(svc),
-    )
+    record_started(svc, desired)
 
 
 @deploy("Roll the server back to the previous release")

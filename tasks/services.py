@@ -165,8 +165,8 @@ def stamp_path(svc: Service) -> str:
     return posixpath.join(paths().state_dir, f"{svc.name}.applied")
 
 
-def deploy_service(backend, svc: Service, code: list[bytes | str], before_restart=None,
-                   after_restart=None, force: bool = False) -> bool:
+def deploy_service(backend, svc: Service, code: list[bytes | str], after_restart=None,
+                   force: bool = False) -> bool:
     """Put the service's definition in place and (re)start it only when needed.
 
     A restart is needed when the rendered definition or the service's code
@@ -180,16 +180,19 @@ def deploy_service(backend, svc: Service, code: list[bytes | str], before_restar
     desired = fingerprint(backend.name, text, *code)
     applied = host.get_fact(FileContents, stamp_path(svc))
     needed = force or applied != [desired] or not backend.is_running(svc)
-    if needed and before_restart:
-        before_restart()
     backend.install(svc, text)
     if needed:
         backend.restart(svc)
         if after_restart:
             after_restart()
+    record_started(svc, desired)
+    return needed
+
+
+def record_started(svc: Service, desired: str) -> None:
+    """The stamp of what answered; written only after it did (a failed run retries)."""
     files.put(
         name=f"Record the {svc.name} as started ({desired})",
         src=StringIO(desired + "\n"),
         dest=stamp_path(svc),
     )
-    return needed
