@@ -194,12 +194,18 @@ def test_a_new_release_is_switched_to_stop_first_while_clients_see_only_200_and_
     assert (host.root / "releases" / old).is_dir()  # kept for a rollback
 
 
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    """One lock, so both strategies try the same broken release (built once)."""
+    return broken_lock(tmp_path_factory.mktemp("broken-release"))
+
+
 @pytest.mark.parametrize("strategy", ["stop-first", "overlap"])
 def test_a_release_that_cannot_generate_leaves_the_route_on_the_previous_one(
-        host, first, tmp_path, strategy):
+        host, first, broken, strategy):
     before = host.current()
     current_link = os.readlink(host.root / "current")
-    code, log = host.pyinfra("verify_enabled=False", f"venv_requirements={broken_lock(tmp_path)}",
+    code, log = host.pyinfra("verify_enabled=False", f"venv_requirements={broken}",
                              f"server_restart_strategy={strategy}")
     assert code != 0, log[-3000:]
     assert "mlxroute-fault: this release was built unable to generate" in log
