@@ -333,7 +333,7 @@ def filler(tokens: int, seed: str) -> str:
 def run_probes(args: argparse.Namespace, manifest: dict) -> dict:
     base, key = endpoint(manifest, args.via)
     # mlx_lm.server drops its loaded model for a name it does not know
-    # (DESIGN.md), so only the proxy (which strips it) is sent one.
+    # (docs/field-report.md), so only the proxy (which strips it) is sent one.
     model = manifest.get("public_name") if args.via == "proxy" else None
     smoke = manifest["smoke"]
 

@@ -98,7 +98,7 @@ def base_env(p: RoutePaths) -> dict[str, str]:
         "HOME": p.home,
         "PATH": path,
         # mlx_lm.server's /v1/models fails with an empty body when the HF
-        # cache folder does not exist (DESIGN.md); keep it inside route_home.
+        # cache folder does not exist (docs/field-report.md); keep it inside route_home.
         "HF_HUB_CACHE": posixpath.join(p.route_home, "hf-cache"),
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
