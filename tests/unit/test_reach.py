@@ -34,7 +34,8 @@ def reach_of(name: str, data: dict) -> Reach | None:
 
 def ssh_settings(reach: Reach, tmp_path, hostname: str) -> dict[str, str]:
     """What ssh resolves for hostname from the config the suite would get."""
-    config = next(a.split("=", 1)[1] for a in reach.cli_args(tmp_path) if a.startswith("--ssh-config="))
+    config = next(arg.split("=", 1)[1] for arg in reach.cli_args(tmp_path)
+                  if arg.startswith("--ssh-config="))
     out = subprocess.run(["ssh", "-G", "-F", config, hostname], capture_output=True, text=True,
                          check=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}).stdout
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
