@@ -10,6 +10,8 @@ last step runs the host suite over SSH with the same settings. Needs root
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -36,19 +38,19 @@ def hosts(tmp_path_factory):
             for h in made
         )
         inventory.write_text(f"ssh_hosts = [\n{entries}]\n")
-        yield made, str(inventory)
+        yield made, str(inventory), known_hosts
 
 
 @pytest.fixture(scope="module")
 def first_run(hosts):
-    made, inventory = hosts
+    made, inventory, _ = hosts
     result, log = deploy(inventory=inventory, timeout=1700)
     assert result.returncode == 0, log[-8000:]
     return log
 
 
 def test_ssh_deploy_brings_up_each_host_and_its_host_suite_passes_over_ssh(hosts, first_run):
-    made, _ = hosts
+    made = hosts[0]
     rows = results_table(first_run)
     verify = {name: row for name, row in rows.items() if name.startswith(VERIFY_ROW)}
     assert verify, first_run[-3000:]
@@ -61,18 +63,43 @@ def test_ssh_deploy_brings_up_each_host_and_its_host_suite_passes_over_ssh(hosts
 
 
 def test_ssh_deploy_installs_everything_as_the_ssh_user(hosts, first_run):
-    made, _ = hosts
+    made = hosts[0]
     for host in made:
         assert host.route_json.exists(), host
         assert host.route_json.owner() == host.name
 
 
 def test_ssh_second_run_reports_no_changes(hosts, first_run):
-    _, inventory = hosts
-    result, log = deploy(*NO_VERIFY, inventory=inventory)
+    result, log = deploy(*NO_VERIFY, inventory=hosts[1])
     assert result.returncode == 0, log[-6000:]
     rows = results_table(log)
     assert rows, log[-3000:]
     changed = {name: row for name, row in rows.items() if row[0] not in ("-", "0")}
     assert changed == {}, f"a re-run over SSH changed something: {changed}"
 
+
+
+def test_host_with_an_unknown_host_key_is_refused_and_the_others_still_deploy(hosts, first_run,
+                                                                              tmp_path):
+    """Strict host key checking: a host whose key is not the one in known_hosts
+    (a replaced machine, or someone in between) gets nothing; the rest of the
+    fleet is provisioned as usual."""
+    (good, bad), inventory, known_hosts = hosts
+    impostor = tmp_path / "impostor"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
+    lines = [line for line in known_hosts.read_text().splitlines()
+             if not line.startswith(bad.address + " ")]
+    lines.append(f"{bad.address} {impostor.with_suffix('.pub').read_text().strip()}")
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text("\n".join(lines) + "\n")
+    text = Path(inventory).read_text().replace(str(known_hosts), str(wrong))
+    (tmp_path / "inventory_wrong_key.py").write_text(text)
+    result, log = deploy(*NO_VERIFY, inventory=str(tmp_path / "inventory_wrong_key.py"))
+    assert result.returncode != 0, log[-3000:]
+    assert re.search(rf"\[{re.escape(bad.address)}\].*(host key|Host key|known_hosts)", log), \
+        log[-3000:]
+    rows = results_table(log)
+    assert rows, log[-3000:]
+    changed = {name: row for name, row in rows.items() if row[0] not in ("-", "0")}
+    assert changed == {}, f"the good host changed: {changed}"
+    assert f"[{good.address}] Success" in log or f"[{good.address}] No changes" in log, log[-3000:]
