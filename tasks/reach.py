@@ -22,6 +22,7 @@ from pyinfra import host
 from pyinfra.connectors.ssh import connector_data_meta
 
 from tasks.common import REPO
+from tools.route_report import safe_name
 
 SSH_CONFIGS = REPO / "reports" / "ssh"
 
@@ -37,7 +38,7 @@ class Reach:
         args = [f"--hosts={self.hosts}"]
         if self.ssh_config:
             config_dir.mkdir(parents=True, exist_ok=True)
-            path = config_dir / f"{re.sub(r'[^A-Za-z0-9.-]', '_', self.name)}.config"
+            path = config_dir / f"{safe_name(self.name)}.config"
             path.write_text(self.ssh_config)
             args.append(f"--ssh-config={path}")
         return args
