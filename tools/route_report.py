@@ -3,6 +3,8 @@
 
     python tools/route_report.py --hosts local://                  # this machine
     python tools/route_report.py --hosts ssh://me@studio           # a Mac over SSH
+    python tools/route_report.py --hosts ssh://me@studio --ssh-config reports/ssh/studio.config
+                                    # ... with the inventory's key, port, known_hosts
     python tools/route_report.py --from-json probes.json --host-name studio   # rebuild
 
 Runs files/probes.py ON the host with the route's own interpreter (the venv
