@@ -12,8 +12,12 @@ from __future__ import annotations
 import json
 import re
 import runpy
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -35,11 +39,13 @@ def hosts(tmp_path_factory):
         pytest.skip(f"SSH test hosts: {reason}")
     with ssh_hosts(2, REPO / "requirements" / "host.txt", [PACKAGE]) as (made, key, known_hosts):
         inventory = tmp_path_factory.mktemp("ssh") / "inventory_ssh.py"
+        # host A serves its proxy on the LAN (with the key), host B on loopback only
+        lan = {0: "'proxy_host': '0.0.0.0', 'proxy_api_key': True, "}
         entries = "".join(
             f"    ({h.address!r}, {{'ssh_user': {h.name!r}, 'ssh_key': {str(key)!r}, "
-            f"'ssh_known_hosts_file': {str(known_hosts)!r}, "
+            f"'ssh_known_hosts_file': {str(known_hosts)!r}, {lan.get(i, '')}"
             f"'ssh_strict_host_key_checking': 'yes', 'model_profile': {PROFILE!r}}}),\n"
-            for h in made
+            for i, h in enumerate(made)
         )
         inventory.write_text(f"ssh_hosts = [\n{entries}]\n")
         yield made, str(inventory), known_hosts
@@ -127,3 +133,71 @@ def test_speed_report_by_hand_over_ssh_with_the_config_the_deploy_wrote(hosts, f
     assert result.returncode in (0, 2), result.stderr[-3000:]
     report = json.loads(next(tmp_path.glob("*/*/report.json")).read_text())
     assert report["probes"], report
+
+
+# The workstation's view: what a client on the LAN (LiteLLM, Terminal-Bench,
+# Hermes on another machine) meets. Only the test hosts' addresses are contacted.
+
+def lan_status(url: str, headers: dict | None = None) -> int:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def refused(address: str, port: int) -> bool:
+    try:
+        socket.create_connection((address, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def lan_key(hosts, first_run):
+    """Host A's proxy key, read over SSH as a user would (never printed)."""
+    host = hosts[0][0]
+    route = json.loads(host.route_json.read_text())
+    config = REPO / "reports" / "ssh" / f"{host.address}.config"
+    out = subprocess.run(["ssh", "-F", str(config), host.address, "cat", route["proxy"]["key_file"]],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stdout.strip(), "could not read the key over SSH"
+    return out.stdout.strip()
+
+
+def test_lan_client_with_the_key_lists_models_and_chats_through_the_openai_sdk(
+        hosts, lan_key, record_property):
+    import openai
+
+    host = hosts[0][0]
+    route = json.loads(host.route_json.read_text())
+    client = openai.OpenAI(base_url=f"http://{host.address}:{route['proxy']['port']}/v1",
+                           api_key=lan_key, max_retries=0, timeout=300)
+    assert [m.id for m in client.models.list().data], "no model listed"
+    started = time.monotonic()
+    reply = client.chat.completions.create(model="openai/glm52",
+                                           messages=route["smoke"]["messages"],
+                                           max_tokens=route["smoke"].get("max_tokens", 32))
+    wall = time.monotonic() - started
+    record_property("lan_chat_wall_s", round(wall, 3))
+    print(f"LAN client: chat answered in {wall:.2f} s")
+    assert reply.model == "openai/glm52"
+    assert route["smoke"]["expect"] in reply.choices[0].message.content
+
+
+def test_lan_client_without_or_with_a_wrong_key_gets_401(hosts, lan_key):
+    host = hosts[0][0]
+    url = f"http://{host.address}:{json.loads(host.route_json.read_text())['proxy']['port']}"
+    assert lan_status(url + "/v1/models") == 401
+    assert lan_status(url + "/v1/models", {"Authorization": "Bearer not-" + lan_key[:4]}) == 401
+
+
+def test_server_port_and_a_loopback_proxy_are_unreachable_from_the_lan(hosts, first_run):
+    lan_host, loopback_host = hosts[0]
+    for host in (lan_host, loopback_host):
+        route = json.loads(host.route_json.read_text())
+        assert refused(host.address, route["server"]["port"]), f"{host.address}: server reachable"
+    route = json.loads(loopback_host.route_json.read_text())
+    assert refused(loopback_host.address, route["proxy"]["port"]), "loopback proxy reachable"
