@@ -59,6 +59,11 @@ def first_run(hosts):
     return log
 
 
+def changes(rows: dict) -> dict:
+    """Operations of a Results table that changed something on some host."""
+    return {name: row for name, row in rows.items() if row[0] not in ("-", "0")}
+
+
 def test_ssh_deploy_brings_up_each_host_and_its_host_suite_passes_over_ssh(hosts, first_run):
     made = hosts[0]
     rows = results_table(first_run)
@@ -75,8 +80,9 @@ def test_ssh_deploy_brings_up_each_host_and_its_host_suite_passes_over_ssh(hosts
 def test_ssh_deploy_installs_everything_as_the_ssh_user(hosts, first_run):
     made = hosts[0]
     for host in made:
-        assert host.route_json.exists(), host
-        assert host.route_json.owner() == host.name
+        route = json.loads(host.route_json.read_text())
+        for path in (route["venv"], route["model_dir"], route["route_home"], host.route_json):
+            assert Path(path).owner() == host.name, path
 
 
 def test_ssh_second_run_reports_no_changes(hosts, first_run):
@@ -84,9 +90,7 @@ def test_ssh_second_run_reports_no_changes(hosts, first_run):
     assert result.returncode == 0, log[-6000:]
     rows = results_table(log)
     assert rows, log[-3000:]
-    changed = {name: row for name, row in rows.items() if row[0] not in ("-", "0")}
-    assert changed == {}, f"a re-run over SSH changed something: {changed}"
-
+    assert changes(rows) == {}, f"a re-run over SSH changed something: {changes(rows)}"
 
 
 def test_host_with_an_unknown_host_key_is_refused_and_the_others_still_deploy(hosts, first_run,
@@ -109,8 +113,7 @@ def test_host_with_an_unknown_host_key_is_refused_and_the_others_still_deploy(ho
     assert f"[{bad.address}] SSH host key error" in log, log[-3000:]
     rows = results_table(log)
     assert rows, log[-3000:]
-    changed = {name: row for name, row in rows.items() if row[0] not in ("-", "0")}
-    assert changed == {}, f"the good host changed: {changed}"
+    assert changes(rows) == {}, f"the good host changed: {changes(rows)}"
     assert f"[{good.address}] Success" in log or f"[{good.address}] No changes" in log, log[-3000:]
 
 
