@@ -144,7 +144,8 @@ def fresh_mac() -> dict:
         # an SSH session exists (user/501); nobody is logged in at the console (no gui/501)
         f"launchctl print user/{UID} >/dev/null": "yes",
         # Homebrew's Python (venv_python below) is installed
-        "command -v /opt/homebrew/bin/python3.12": "/opt/homebrew/bin/python3.12",
+        # (tasks/interpreter.py: the path, then major and minor)
+        "command -v /opt/homebrew/bin/python3.12": "/opt/homebrew/bin/python3.12\n3 12",
     }
     for path in _SYSTEM_DIRS:
         answers.update(existing_dir(path, "root" if not path.startswith(HOME) else USER,

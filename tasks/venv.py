@@ -8,10 +8,10 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
-from pyinfra.facts.server import Which
 from pyinfra.operations import files, server
 
-from tasks.common import RouteError, paths, repo_file
+from tasks.common import paths, repo_file
+from tasks.interpreter import resolve_python
 
 LOCK_STAMP = ".mlx-route-lock"
 
@@ -52,13 +52,7 @@ def create_venv():
     wanted = lock_hash()
 
     if state != "ok":
-        interpreter = host.data.venv_python
-        found = interpreter if interpreter.startswith("/") else host.get_fact(Which, command=interpreter)
-        if not found:
-            raise RouteError(
-                f"{host.name}: venv_python {interpreter!r} is not on PATH; install it "
-                "(macOS: brew install python@3.12) or set venv_python to an interpreter's path"
-            )
+        interpreter = resolve_python()  # as the SSH shell runs it; checked
         if state == "broken":
             server.shell(
                 name=f"Remove the broken venv at {p.venv} (its interpreter no longer runs)",
