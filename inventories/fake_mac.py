@@ -36,7 +36,6 @@ GROUP = "staff"
 UID = 501
 HOME = f"/Users/{USER}"
 MEMSIZE = 512 * 2**30  # hw.memsize of a 512 GB Mac Studio
-PYTHON_VERSION = "3.12.7"  # Homebrew's python@3.12
 MACOS = "15.5"
 
 # What `pmset -g` and `launchctl limit maxfiles` say on a Mac out of the box.
@@ -147,8 +146,9 @@ def fresh_mac() -> dict:
         "echo current=$(readlink": ["current=", "next=", "wanted=absent"],
         # an SSH session exists (user/501); nobody is logged in at the console (no gui/501)
         f"launchctl print user/{UID} >/dev/null": "yes",
-        # Homebrew's Python (venv_python below) is installed (tasks/release.py Interpreter)
-        "command -v /opt/homebrew/bin/python3.12": ["/opt/homebrew/bin/python3.12", PYTHON_VERSION],
+        # Homebrew's Python (venv_python below) is installed
+        # (tasks/interpreter.py: the path, then major and minor)
+        "command -v /opt/homebrew/bin/python3.12": "/opt/homebrew/bin/python3.12\n3 12",
     }
     for path in _SYSTEM_DIRS:
         answers.update(existing_dir(path, "root" if not path.startswith(HOME) else USER,

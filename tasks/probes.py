@@ -18,6 +18,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import python
 
 from tasks.common import REPO, RouteError
+from tasks.reach import Reach, testinfra_target
 
 SIZES = ("needle_tokens", "cache_tokens", "integers", "prose_words", "timeout_s")
 
@@ -35,8 +36,8 @@ def bench_sizes(prof: dict) -> dict:
     return sizes
 
 
-def run_report(target: str, manifest_file: str, host_name: str) -> None:
-    command = [sys.executable, str(REPO / "tools" / "route_report.py"), "--hosts", target,
+def run_report(target: Reach, manifest_file: str, host_name: str) -> None:
+    command = [sys.executable, str(REPO / "tools" / "route_report.py"), *target.cli_args(),
                "--route-manifest", manifest_file, "--host-name", host_name,
                "--out", str(REPO / "reports")]
     logger.info(f"Probing the route: {' '.join(command)}")
@@ -53,14 +54,14 @@ def run_report(target: str, manifest_file: str, host_name: str) -> None:
 def probe_route():
     if not host.data.get("bench_enabled"):
         return
-    from tasks.verify import manifest_path, testinfra_target
+    from tasks.verify import manifest_path
 
     target = testinfra_target()
     if target is None:
         logger.warning(f"{host.name}: probes not run: testinfra cannot reach this connector")
         return
     python.call(
-        name=f"Probe {target} and write reports/{host.name}/",
+        name=f"Probe {target.hosts} and write reports/{host.name}/",
         function=run_report,
         target=target,
         manifest_file=manifest_path(),

@@ -31,24 +31,10 @@ from pyinfra import host
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server
 
-from tasks.common import REPO, RouteError, fingerprint, paths, repo_file
+from tasks.common import REPO, fingerprint, paths, repo_file
+from tasks.interpreter import Interpreter, resolve_python
 
 MARKER = ".mlx-route-release"
-MIN_PYTHON = (3, 10)
-
-
-class Interpreter(FactBase):
-    """(path, "3.12.7") of an interpreter as a non-login shell finds it, or None."""
-
-    def command(self, python: str) -> str:
-        q = shlex.quote(python)
-        return (f"P=$(command -v {q} 2>/dev/null) && \"$P\" -c "
-                "'import sys; print(sys.executable); print(\"%d.%d.%d\" % sys.version_info[:3])'"
-                " 2>/dev/null || true")
-
-    def process(self, output):
-        lines = [line.strip() for line in output if line.strip()]
-        return (lines[0], lines[1]) if len(lines) >= 2 else None
 
 
 class ReleaseState(FactBase):
@@ -99,30 +85,11 @@ def series_parts() -> list[bytes]:
             (patches / "series").read_bytes()]
 
 
-def interpreter() -> tuple[str, str]:
-    """venv_python as a non-login shell on the host runs it, checked."""
-    wanted = host.data.venv_python
-    found = host.get_fact(Interpreter, python=wanted)
-    if not found:
-        raise RouteError(
-            f"{host.name}: venv_python {wanted!r} is not on PATH (or does not run) for a "
-            "non-login shell; install it (macOS: brew install python@3.12) or set venv_python "
-            "to an interpreter's full path (e.g. /opt/homebrew/bin/python3.12)"
-        )
-    path, version = found
-    if tuple(int(v) for v in version.split(".")[:2]) < MIN_PYTHON:
-        raise RouteError(
-            f"{host.name}: venv_python {wanted!r} is {path}, Python {version}; the route needs "
-            f"{'.'.join(map(str, MIN_PYTHON))} or later: install one (macOS: brew install "
-            "python@3.12) and set venv_python to its path (/opt/homebrew/bin/python3.12)"
-        )
-    return path, version
-
-
 def wanted_release() -> Release:
     """The release this host's data asks for (its id, where it lives)."""
-    path, version = interpreter()
-    release_id = fingerprint(host.data.venv_python, version, lock_text(), *series_parts())
+    path = resolve_python()
+    version = ".".join(map(str, host.get_fact(Interpreter, python=path)[1]))
+    release_id = fingerprint(path, version, lock_text(), *series_parts())
     p = paths()
     release_dir = p.release_dir(release_id)
     return Release(release_id, release_dir, posixpath.join(release_dir, "bin", "python"),
@@ -161,7 +128,7 @@ def build_release():
             name=f"Create release {release.id} with {release.interpreter} "
                  f"(Python {release.version}), beside the running one",
             commands=[f"mkdir -p {q(posixpath.dirname(release.dir))}",
-                      f"{q(host.data.venv_python)} -m venv {q(release.dir)}"],
+                      f"{q(release.interpreter)} -m venv {q(release.dir)}"],
         )
         remote_lock = posixpath.join(release.dir, "requirements.txt")
         files.put(

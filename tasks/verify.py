@@ -15,6 +15,7 @@ from pyinfra.operations import files, python
 from tasks.backends import select_backend
 from tasks.common import REPO, RouteError, paths, profile
 from tasks.probes import bench_sizes
+from tasks.reach import Reach, testinfra_target
 from tasks.services import public_name, proxy_key_file, route_services
 
 MANIFEST = "route.json"
@@ -61,23 +62,10 @@ def write_manifest():
     )
 
 
-def testinfra_target() -> str | None:
-    """The --hosts value that reaches this host, or None where testinfra cannot."""
-    connector = host.connector_cls.__name__
-    if connector == "LocalConnector":
-        return "local://"
-    if connector == "SSHConnector":
-        user = host.data.get("ssh_user")
-        port = host.data.get("ssh_port")
-        target = f"ssh://{user + '@' if user else ''}{host.data.get('ssh_hostname') or host.name}"
-        return target + (f":{port}" if port else "")
-    return None
-
-
-def run_host_suite(target: str, manifest_file: str, report: str) -> None:
+def run_host_suite(target: Reach, manifest_file: str, report: str) -> None:
     command = [
         sys.executable, "-m", "pytest", str(REPO / "tests" / "host"), "-q", "-p", "no:cacheprovider",
-        f"--hosts={target}", f"--route-manifest={manifest_file}", f"--junitxml={report}",
+        *target.cli_args(), f"--route-manifest={manifest_file}", f"--junitxml={report}",
         "-o", "addopts=", "-W", "ignore::DeprecationWarning",
     ]
     logger.info(f"Running the host suite: {' '.join(command)}")
@@ -104,7 +92,7 @@ def verify_route():
     reports.mkdir(exist_ok=True)
     safe = "".join(c if c.isalnum() else "_" for c in host.name)
     python.call(
-        name=f"Run tests/host against {target}",
+        name=f"Run tests/host against {target.hosts}",
         function=run_host_suite,
         target=target,
         manifest_file=manifest_path(),

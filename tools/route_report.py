@@ -3,6 +3,8 @@
 
     python tools/route_report.py --hosts local://                  # this machine
     python tools/route_report.py --hosts ssh://me@studio           # a Mac over SSH
+    python tools/route_report.py --hosts ssh://me@studio --ssh-config reports/ssh/studio.config
+                                    # ... with the inventory's key, port, known_hosts
     python tools/route_report.py --from-json probes.json --host-name studio   # rebuild
 
 Runs files/probes.py ON the host with the route's own interpreter (the venv
@@ -64,11 +66,11 @@ def weights_source(record: dict | None) -> str:
 
 
 def run_probes(target, manifest: str = DEFAULT_MANIFEST, via: str = "proxy",
-               sizes: dict | None = None, only: str = "all") -> dict:
+               sizes: dict | None = None, only: str = "all", ssh_config: str | None = None) -> dict:
     """files/probes.py run on `target` (a testinfra --hosts value or host); its JSON."""
     import testinfra
 
-    host = testinfra.get_host(target) if isinstance(target, str) else target
+    host = testinfra.get_host(target, ssh_config=ssh_config) if isinstance(target, str) else target
     path = manifest
     if path.startswith("~/"):
         path = host.run('printf %s "$HOME"').stdout + path[1:]
@@ -313,6 +315,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hosts", help="testinfra host: local://, ssh://user@host[:port]")
     src.add_argument("--from-json", type=Path, help="build the report from a saved probes JSON")
+    p.add_argument("--ssh-config", default=None,
+                   help="ssh_config file for --hosts ssh://... (the deploy writes one per host)")
     p.add_argument("--route-manifest", default=DEFAULT_MANIFEST,
                    help="route.json on the host (written by the deploy)")
     p.add_argument("--via", choices=["proxy", "server"], default="proxy")
@@ -332,7 +336,8 @@ def main(argv=None) -> int:
             data = json.loads(args.from_json.read_text())
         else:
             sizes = {n: getattr(args, n) for n in SIZE_FLAGS}
-            data = run_probes(args.hosts, args.route_manifest, args.via, sizes)
+            data = run_probes(args.hosts, args.route_manifest, args.via, sizes,
+                              ssh_config=args.ssh_config)
         out = build_report(data, args.out, args.host_name)
     except (ReportError, OSError, ValueError) as e:
         print(f"route_report: {e}", file=sys.stderr)

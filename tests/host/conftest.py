@@ -4,6 +4,8 @@ Run against any deployed host, by the deploy's last step or by hand:
 
     pytest tests/host --hosts=local://            # this machine
     pytest tests/host --hosts=ssh://me@studio     # a Mac over SSH
+    pytest tests/host --hosts=ssh://me@studio --ssh-config=reports/ssh/studio.config
+                                                  # ... with the inventory's SSH settings
 
 Everything is read or run on the host (testinfra's `host.run`, `host.file`),
 so the checks are the same on Linux and macOS; host.socket, host.service and
