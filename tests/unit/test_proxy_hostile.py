@@ -1,6 +1,11 @@
 """The proxy under hostile and broken input (issue 15): one regression test per defect.
 
-Each test here failed against the proxy before its fix. Upstream faults come
+Each defect's test failed before its fix: 38 of the first 41 against the old
+one-file proxy (commit 5c09236), the later ones (a stream held open after
+[DONE], a corrupted event renamed byte-wise) against the commit before theirs.
+A few cases guard behaviour the old proxy already had: the deadline with a
+trickling upstream, an in-band upstream error (502), a 2-digit status, a
+corrupted event in a non-streaming answer. Upstream faults come
 from tests/fixtures/raw_upstream.py (a raw loopback socket that writes whatever
 bytes a test gives it) or the stand-in upstream; client faults are written on a
 raw socket where an HTTP client library would refuse to send them. Everything
