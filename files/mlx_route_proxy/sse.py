@@ -143,6 +143,10 @@ def rename_event(event: bytes, name: str, field: bytes) -> bytes:
         # request names no model (we strip it), as json.dumps writes it.
         pos = event.find(DEFAULT_MODEL)
         if pos > 0 and _top_level(event, pos):
+            try:
+                loads(event[6:])  # valid, strict JSON (a few us in C), though not re-encoded
+            except ValueError as e:
+                raise BadUpstream(f"upstream event is not valid JSON: {e}") from None
             return event[:pos] + field + event[pos + len(DEFAULT_MODEL):] + b"\n\n"
         return b"data: " + _renamed_payload(event[6:], name) + b"\n\n"
     lines = event.split(b"\n")

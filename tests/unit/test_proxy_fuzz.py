@@ -316,7 +316,10 @@ def check_sse(text: str, where: str) -> None:
     assert payloads, f"an empty stream: {where}"
     for payload in payloads[:-1]:
         assert payload != "[DONE]", f"events after [DONE]: {where}"
-        json.loads(payload)  # the openai SDK would fail on a partial event
+        try:
+            json.loads(payload)  # the openai SDK would fail on a partial event
+        except ValueError as e:
+            raise AssertionError(f"{e} in {payload[:300]!r}: {where}") from None
     last = payloads[-1]
     assert last == "[DONE]" or "error" in json.loads(last), f"no [DONE], no error: {where}"
 

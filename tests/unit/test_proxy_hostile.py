@@ -1,6 +1,11 @@
 """The proxy under hostile and broken input (issue 15): one regression test per defect.
 
-Each test here failed against the proxy before its fix. Upstream faults come
+Each defect's test failed before its fix: 38 of the first 41 against the old
+one-file proxy (commit 5c09236), the later ones (a stream held open after
+[DONE], a corrupted event renamed byte-wise) against the commit before theirs.
+A few cases guard behaviour the old proxy already had: the deadline with a
+trickling upstream, an in-band upstream error (502), a 2-digit status, a
+corrupted event in a non-streaming answer. Upstream faults come
 from tests/fixtures/raw_upstream.py (a raw loopback socket that writes whatever
 bytes a test gives it) or the stand-in upstream; client faults are written on a
 raw socket where an HTTP client library would refuse to send them. Everything
@@ -256,6 +261,9 @@ BAD_EVENTS = {
     "deep": [SSE_HEAD, event(b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}"),
              b"data: [DONE]\n\n"],
     "overflow": [SSE_HEAD, event(b'{"choices": [], "x": 1e400}'), b"data: [DONE]\n\n"],
+    # found by the fuzz layer (seed 2024): the byte-level rename let broken JSON through
+    "corrupt-default-model": [SSE_HEAD, event(b'{"model": "default_model", "choices": '
+                                              b'[{"delta": \x06\xd9{}}]}'), b"data: [DONE]\n\n"],
     "short-content-length": [b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n"
                              + chunk("a") + b"data: [DONE]\n\n"],
     "error-event": [SSE_HEAD, event(b'{"error": {"message": "oops"}}'), b"data: [DONE]\n\n"],
@@ -272,7 +280,7 @@ def test_malformed_upstream_answers_get_502_json(raw_upstream, proxy_factory, na
     assert "Traceback" not in p.log()
 
 
-@pytest.mark.parametrize("name", ["not-json", "deep", "overflow"])
+@pytest.mark.parametrize("name", ["not-json", "deep", "overflow", "corrupt-default-model"])
 def test_malformed_upstream_events_end_a_stream_with_an_error_event(raw_upstream,
                                                                     proxy_factory, name):
     up = raw_upstream(lambda _: BAD_EVENTS[name])
