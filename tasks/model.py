@@ -27,7 +27,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server
 
-from tasks.common import RouteError, RoutePaths, paths, profile, repo_file
+from tasks.common import RouteError, RoutePaths, is_macos, paths, profile, repo_file
 
 CHECKER = "check_weights.py"
 CONVERTER = "smollm2_to_mlx.py"
@@ -189,6 +189,9 @@ def _tell_revision(prof: dict, report: dict | None) -> None:
         )
 
 
+CAFFEINATE = "/usr/bin/caffeinate -i -s"
+
+
 def _hf_download(p: RoutePaths, prof: dict) -> str:
     env = ["HF_HUB_DISABLE_PROGRESS_BARS=1"]
     endpoint = host.data.get("model_hf_endpoint")
@@ -208,6 +211,11 @@ def _hf_download(p: RoutePaths, prof: dict) -> str:
         env.append(f'HF_TOKEN="$(cat {token})"')
     argv = [p.next_bin("hf"), "download", prof["repo"], "--revision", str(prof["revision"]),
             "--local-dir", p.model_dir]
+    # macOS: a download is hours, pyinfra runs it without a terminal, and disk
+    # and network activity alone do not keep a Mac awake. caffeinate holds off
+    # idle sleep (-i) and system sleep on AC power (-s) for as long as hf runs,
+    # whatever host_tuning_enabled and host_pmset say.
+    keep_awake = f"{CAFFEINATE} " if is_macos() else ""
     what = f"{prof['repo']}@{prof['revision']}"
     hint = (
         f"{host.name}: hf download of {what} into {p.model_dir} failed (see the hf message above); "
@@ -215,7 +223,7 @@ def _hf_download(p: RoutePaths, prof: dict) -> str:
         "then run the deploy again: finished shards are kept"
     )
     return (
-        f"{token_check}env {' '.join(env)} {' '.join(shlex.quote(a) for a in argv)} "
+        f"{token_check}{keep_awake}env {' '.join(env)} {' '.join(shlex.quote(a) for a in argv)} "
         f"|| {{ rc=$?; echo {shlex.quote(hint)} >&2; exit $rc; }}"
     )
 

@@ -139,6 +139,28 @@ def test_fresh_mac_is_tuned_now_and_at_every_boot(fresh):
     assert not fresh.matching(r"launchctl \w+ system/org\.mlxroute\.host-tuning")
 
 
+def test_fresh_mac_stays_awake_for_the_whole_download(fresh):
+    """Issue 16: pmset (and the GPU and file limits) come before the weights
+    are fetched, and `hf download` itself runs under caffeinate, so idle sleep
+    cannot cut a 368 GB download short."""
+    c = fresh.commands
+    download = index(c, r"hf download ")
+    assert index(c, r"^pmset -a ") < download
+    assert index(c, r"^sysctl -w iogpu\.wired_limit_mb=") < download
+    assert index(c, r"^launchctl limit maxfiles \d") < download
+    (command,) = fresh.matching(r"hf download ")
+    assert re.search(r"(^|; )/usr/bin/caffeinate -i -s env HF_HUB_DISABLE_PROGRESS_BARS=1 \S*"
+                     r"/bin/hf download ", command), command
+
+
+def test_download_stays_awake_with_host_tuning_off(workdir):
+    plan = run_plan(workdir, None, "host_tuning_enabled=False")
+    assert plan.code == 0, plan.output[-4000:]
+    assert not plan.matching(r"^(pmset -a|sysctl -w)")
+    (command,) = plan.matching(r"hf download ")
+    assert "/usr/bin/caffeinate -i -s env " in command
+
+
 def test_service_plists_carry_the_shared_service_description(fresh):
     manifest = json.loads(fresh.uploads[f"{ROUTE}/route.json"])
     assert manifest["backend"] == "launchd" and manifest["launchd_domain"] == "system"
