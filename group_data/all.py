@@ -349,8 +349,11 @@ service_retire = []
 # "5: Input/output error" (the label is still loaded or draining).
 service_launchd_bootstrap_retries = 5
 
-# launchd only: newsyslog rotates each service log at this size (MB) and
-# keeps this many rotated copies (supervisor uses 50 MB x 5 as well).
+# Each service log is rotated at this size (MB) and this many rotated copies
+# are kept: by newsyslog on macOS (launchd), by supervisord itself under
+# supervisor. A log then stays under (keep + 1) x size on supervisor; launchd
+# keeps writing into the renamed copy until the service restarts (docs/macos.md).
+# systemd: not rotated by the route yet (issue 16).
 service_log_max_mb = 50
 service_log_keep = 5
 

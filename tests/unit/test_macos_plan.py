@@ -205,6 +205,18 @@ def test_newsyslog_rotates_each_service_log(fresh):
         assert rule[1:] == ["milo:staff", "644", "5", str(50 * 1024), "*", "N"]
 
 
+def test_newsyslog_takes_the_rotation_from_data(workdir):
+    plan = run_plan(workdir, None, "service_log_max_mb=10", "service_log_keep=3")
+    assert plan.code == 0, plan.output[-4000:]
+    rules = [line.split("\t") for line in plan.uploads[NEWSYSLOG].splitlines()
+             if line and not line.startswith("#")]
+    assert len(rules) == 4
+    assert {tuple(rule[3:5]) for rule in rules} == {("3", str(10 * 1024))}
+    refused = run_plan(workdir, None, "service_log_max_mb=0")
+    assert refused.code != 0
+    assert "service_log_max_mb 0 and service_log_keep 5 must both be at least 1" in refused.output
+
+
 def test_verify_route_skips_the_fake_host_and_says_so(fresh):
     assert "host suite not run: testinfra cannot reach this connector" in fresh.output
     assert not any("Run tests/host" in name for name in fresh.changed)
