@@ -217,6 +217,37 @@ def test_newsyslog_takes_the_rotation_from_data(workdir):
     assert "service_log_max_mb 0 and service_log_keep 5 must both be at least 1" in refused.output
 
 
+FILEVAULT_WARNING = ("FileVault is On (FileVault is On.): an unattended restart needs "
+                     "`sudo fdesetup authrestart` or FileVault off; LaunchDaemons do not start "
+                     "before the first login")
+
+
+def test_filevault_off_is_recorded_without_a_warning(fresh):
+    manifest = json.loads(fresh.uploads[f"{ROUTE}/route.json"])
+    assert manifest["filevault"] == {"on": False, "status": "FileVault is Off."}
+    assert "FileVault is On" not in fresh.output
+
+
+@pytest.mark.parametrize("data", [(), ("host_tuning_enabled=False",)])
+def test_filevault_on_is_warned_about_and_recorded(workdir, data):
+    plan = run_plan(workdir, {"responses": [["fdesetup status", "FileVault is On."]]}, *data)
+    assert plan.code == 0, plan.output[-4000:]
+    assert FILEVAULT_WARNING in plan.output
+    manifest = json.loads(plan.uploads[f"{ROUTE}/route.json"])
+    assert manifest["filevault"] == {"on": True, "status": "FileVault is On."}
+
+
+def test_filevault_being_enabled_at_the_next_restart_counts_as_on():
+    from tasks.host import FileVaultStatus
+
+    assert FileVaultStatus().process(
+        ["FileVault is Off, but will be enabled after the next restart."])["on"] is True
+    assert FileVaultStatus().process(
+        ["FileVault is On.", "Decryption in progress: Percent completed = 40.00"])["on"] is True
+    assert FileVaultStatus().process(["FileVault is Off."])["on"] is False
+    assert FileVaultStatus().process([]) is None
+
+
 def test_verify_route_skips_the_fake_host_and_says_so(fresh):
     assert "host suite not run: testinfra cannot reach this connector" in fresh.output
     assert not any("Run tests/host" in name for name in fresh.changed)
