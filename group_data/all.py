@@ -67,6 +67,11 @@ model_hf_token_file = None
 # Free space kept on top of the profile's size before a download may start.
 model_disk_margin_gib = 10
 
+# While `hf download` runs, a line every this many seconds (shards done/total,
+# GiB done/total, rate, ETA), printed as it comes at any pyinfra verbosity.
+# 0: no progress lines (the download's output shows at -vvv only).
+model_download_progress_s = 30
+
 # Shared by the profiles' gates (names starting with "_" are not data keys).
 _GET_WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather for a city",

@@ -149,8 +149,10 @@ def test_fresh_mac_stays_awake_for_the_whole_download(fresh):
     assert index(c, r"^sysctl -w iogpu\.wired_limit_mb=") < download
     assert index(c, r"^launchctl limit maxfiles \d") < download
     (command,) = fresh.matching(r"hf download ")
-    assert re.search(r"(^|; )/usr/bin/caffeinate -i -s env HF_HUB_DISABLE_PROGRESS_BARS=1 \S*"
-                     r"/bin/hf download ", command), command
+    # caffeinate holds the whole of it: the progress reporter and hf under it
+    assert re.search(r"(^|; )/usr/bin/caffeinate -i -s \S*/bin/python \S*/check_weights\.py "
+                     r"progress --dir \S+ --shards 76 --total-gib 368 --interval 30 -- "
+                     r"env HF_HUB_DISABLE_PROGRESS_BARS=1 \S*/bin/hf download ", command), command
 
 
 def test_download_stays_awake_with_host_tuning_off(workdir):
@@ -158,7 +160,7 @@ def test_download_stays_awake_with_host_tuning_off(workdir):
     assert plan.code == 0, plan.output[-4000:]
     assert not plan.matching(r"^(pmset -a|sysctl -w)")
     (command,) = plan.matching(r"hf download ")
-    assert "/usr/bin/caffeinate -i -s env " in command
+    assert command.startswith("/usr/bin/caffeinate -i -s ")
 
 
 def test_service_plists_carry_the_shared_service_description(fresh):
