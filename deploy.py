@@ -15,9 +15,9 @@ from tasks.server import start_server
 from tasks.verify import verify_route, write_manifest
 
 build_release()  # 1. a pinned Python environment, built beside the running one
-fetch_model()  # 2. the weights, downloaded (or adopted) and checked
-apply_patches()  # 3. the mlx-lm source patches for GLM-5.2, into the new release
-tune_host()  # 4. memory, sleep and file limits (macOS)
+tune_host()  # 2. memory, sleep and file limits (macOS): no sleep before the download
+fetch_model()  # 3. the weights, downloaded (or adopted) and checked
+apply_patches()  # 4. the mlx-lm source patches for GLM-5.2, into the new release
 retire_services()  # 5. what holds the ports: stop if data retires it, else refuse
 start_server()  # 6. mlx_lm.server switched to the release: smoke, start, rollback
 ensure_proxy_key()  # 7. the proxy's key, made on the host

@@ -21,6 +21,12 @@ Uploaded by tasks/model.py and run with the venv's python (or any python3 3.8+):
          exit 2 with one actionable line when the disk of D lacks room for
          what is still to be fetched (G minus the shards already there, or
          all of G with --whole) + M.
+  progress --dir D --shards N --total-gib G --interval S -- COMMAND...
+         run COMMAND (`hf download ...`) and, every S seconds while it runs,
+         print one line on stdout: shards in place / N, GiB in D (shards in
+         place + hf's *.incomplete files; MiB below 1 GiB) / G, the rate since the start and
+         the ETA at that rate; a last line when it ends. Exit with COMMAND's
+         status. SIGTERM, SIGINT and SIGHUP are passed on to COMMAND.
 
 What "complete" means: model.safetensors.index.json names every shard
 (mlx-lm's loader globs *.safetensors, so a stray one breaks loading too); each
@@ -37,8 +43,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import struct
+import subprocess
 import sys
+import time
 
 INDEX = "model.safetensors.index.json"
 RECORD = ".mlx-route.json"
@@ -283,6 +292,71 @@ def disk(model_dir: str, need_gib: float, margin_gib: float, host: str, whole: b
     return 0, report, None
 
 
+def downloaded(model_dir: str) -> tuple:
+    """(shards in place, bytes in D): hf writes a file into .cache/.../download
+    as <name>.incomplete and moves it into D when it is whole."""
+    shards = top_level_shards(model_dir)
+    size = 0
+    for rel in shards + incomplete_files(model_dir):
+        try:
+            size += os.path.getsize(os.path.join(model_dir, rel))
+        except OSError:
+            pass  # moved or removed meanwhile
+    return len(shards), size
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 120:
+        return "%d s" % seconds
+    if seconds < 7200:
+        return "%d min" % round(seconds / 60)
+    return "%d h %02d min" % (seconds // 3600, seconds % 3600 // 60)
+
+
+def progress_line(shards: int, total_shards: int, size: int, total_gib: float,
+                  rate: float, elapsed: float, done: bool = False) -> str:
+    if total_gib >= 1:
+        sizes = "%.2f/%.2f GiB" % (size / GiB, total_gib)
+    else:  # a small model: GiB with two decimals would not move
+        sizes = "%.1f/%.1f MiB" % (size / 2**20, total_gib * 1024)
+    line = "download: %d/%d shards, %s, %.1f MiB/s" % (shards, total_shards, sizes, rate / 2**20)
+    if done:
+        return line + ", %s in %s" % ("ended", _duration(elapsed))
+    left = max(total_gib * GiB - size, 0)
+    eta = _duration(left / rate) if rate > 0 else "unknown"
+    return line + ", ETA %s" % eta
+
+
+def follow(model_dir: str, total_shards: int, total_gib: float, interval: float,
+           argv: list) -> int:
+    """Run argv, printing a progress line every `interval` seconds."""
+    _, start_size = downloaded(model_dir)
+    started = time.monotonic()
+    child = subprocess.Popen(argv)
+
+    def forward(signum, _frame):
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+
+    def line(done: bool = False) -> str:
+        shards, size = downloaded(model_dir)
+        elapsed = time.monotonic() - started
+        rate = (size - start_size) / elapsed if elapsed > 0 else 0.0
+        return progress_line(shards, total_shards, size, total_gib, max(rate, 0.0), elapsed, done)
+
+    while True:
+        try:
+            code = child.wait(timeout=interval)
+            break
+        except subprocess.TimeoutExpired:
+            print(line(), flush=True)
+    print(line(done=True), flush=True)
+    return code
+
+
 def _expect_pairs(pairs: list) -> dict:
     result = {}
     for pair in pairs or []:
@@ -322,8 +396,21 @@ def main(argv: list | None = None) -> int:
     p.add_argument("--whole", action="store_true",
                    help="the fetch writes a whole new copy beside the old one (a conversion)")
 
+    p = sub.add_parser("progress")
+    p.add_argument("--dir", required=True)
+    p.add_argument("--shards", type=int, required=True)
+    p.add_argument("--total-gib", type=float, required=True)
+    p.add_argument("--interval", type=float, required=True)
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND...")
+
     args = parser.parse_args(argv)
     model_dir = os.path.abspath(args.dir)
+
+    if args.command == "progress":
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd or args.interval <= 0:
+            parser.error("progress needs --interval > 0 and -- COMMAND...")
+        return follow(model_dir, args.shards, args.total_gib, args.interval, cmd)
 
     if args.command == "clean":
         print(json.dumps(clean(model_dir)))

@@ -67,6 +67,11 @@ model_hf_token_file = None
 # Free space kept on top of the profile's size before a download may start.
 model_disk_margin_gib = 10
 
+# While `hf download` runs, a line every this many seconds (shards done/total,
+# GiB done/total, rate, ETA), printed as it comes at any pyinfra verbosity.
+# 0: no progress lines (the download's output shows at -vvv only).
+model_download_progress_s = 30
+
 # Shared by the profiles' gates (names starting with "_" are not data keys).
 _GET_WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather for a city",
@@ -349,8 +354,11 @@ service_retire = []
 # "5: Input/output error" (the label is still loaded or draining).
 service_launchd_bootstrap_retries = 5
 
-# launchd only: newsyslog rotates each service log at this size (MB) and
-# keeps this many rotated copies (supervisor uses 50 MB x 5 as well).
+# Each service log is rotated at this size (MB) and this many rotated copies
+# are kept: by newsyslog on macOS (launchd), by supervisord itself under
+# supervisor. A log then stays under (keep + 1) x size on supervisor; launchd
+# keeps writing into the renamed copy until the service restarts (docs/macos.md).
+# systemd: not rotated by the route yet (issue 16).
 service_log_max_mb = 50
 service_log_keep = 5
 

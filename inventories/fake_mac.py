@@ -142,6 +142,7 @@ def fresh_mac() -> dict:
         "sysctl -n iogpu.wired_limit_mb": "0",  # 0: macOS's default (about 75% of RAM)
         "pmset -g": _PMSET_DEFAULTS,
         "launchctl limit maxfiles": MAXFILES_DEFAULT,
+        "fdesetup status": "FileVault is Off.",  # test_macos_plan.py scripts it On
         # no release yet (tasks/release.py ReleaseState)
         "echo current=$(readlink": ["current=", "next=", "wanted=absent"],
         # an SSH session exists (user/501); nobody is logged in at the console (no gui/501)

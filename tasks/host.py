@@ -8,6 +8,8 @@
 - launchd's open-files limit (default soft limit 256: the seed's Terminal-Bench
   run died of "Too many open files"), now and at every boot. The services get
   their own NumberOfFiles limits in their plists.
+- FileVault is only reported (`fdesetup status`): when it is On, the run warns
+  that an unattended restart stops at the unlock screen.
 
 Linux hosts need none of this: tune_host plans nothing there.
 """
@@ -20,7 +22,7 @@ import re
 import shlex
 from io import StringIO
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
 from pyinfra.facts.server import MacosVersion
 from pyinfra.operations import files, server
@@ -69,6 +71,42 @@ class LaunchdMaxfiles(FactBase):
     def process(self, output):
         fields = output[0].split() if output else []
         return (fields[1], fields[2]) if len(fields) >= 3 else None
+
+
+class FileVaultStatus(FactBase):
+    """`fdesetup status` (any user may ask): {"on": bool, "status": its words},
+    None when it gives no answer. "On" also covers encryption or decryption in
+    progress and "Off, but will be enabled after the next restart": each means
+    the next boot stops at the unlock screen."""
+
+    def command(self) -> str:
+        return "fdesetup status 2>/dev/null || true"
+
+    def process(self, output):
+        text = " ".join(line.strip() for line in output if line.strip())
+        match = re.search(r"FileVault is (On|Off)", text)
+        if not match:
+            return None
+        pending = re.search(r"will be enabled|in progress", text)
+        return {"on": match.group(1) == "On" or bool(pending), "status": text}
+
+
+FILEVAULT_WARNING = (
+    "FileVault is On ({status}): an unattended restart needs `sudo fdesetup authrestart` "
+    "or FileVault off; LaunchDaemons do not start before the first login, so after a power "
+    "cut or an update's restart the route stays down until someone logs in at the Mac"
+)
+
+
+def filevault() -> dict | None:
+    """FileVault's state on a Mac (None on Linux, or when fdesetup says nothing)."""
+    return host.get_fact(FileVaultStatus) if is_macos() else None
+
+
+def warn_filevault() -> None:
+    state = filevault()
+    if state and state["on"]:
+        logger.warning(f"{host.name}: " + FILEVAULT_WARNING.format(status=state["status"]))
 
 
 def boot_label() -> str:
@@ -140,7 +178,10 @@ def render_boot_plist(commands: list[str]) -> str:
 
 @deploy("Tune the host")
 def tune_host():
-    if not host.data.get("host_tuning_enabled", True) or not is_macos():
+    if not is_macos():
+        return
+    warn_filevault()  # whether or not the host is tuned
+    if not host.data.get("host_tuning_enabled", True):
         return
     version = host.get_fact(MacosVersion) or "0"
     limit = wired_limit_mb()

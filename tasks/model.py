@@ -25,9 +25,10 @@ import zlib
 
 from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
-from pyinfra.operations import files, server
+from pyinfra.api import StringCommand
+from pyinfra.operations import files, python, server
 
-from tasks.common import RouteError, RoutePaths, paths, profile, repo_file
+from tasks.common import RouteError, RoutePaths, is_macos, paths, profile, repo_file
 
 CHECKER = "check_weights.py"
 CONVERTER = "smollm2_to_mlx.py"
@@ -142,10 +143,16 @@ def fetch_model():
             name=f"Check free disk for {prof['size_gib']:g} GiB of weights in {p.model_dir}",
             commands=[_checker(p, "disk", p.model_dir, *disk_args)],
         )
-        server.shell(
-            name=f"Download {prof['repo']}@{prof['revision']} with hf download",
-            commands=[_hf_download(p, prof)],
-        )
+        name = f"Download {prof['repo']}@{prof['revision']} with hf download"
+        interval = float(host.data.model_download_progress_s or 0)
+        if interval > 0:
+            # pyinfra 3.10 prints a command's output as it comes only at -vvv,
+            # which also prints every fact's output: this one command's output
+            # (the progress lines) is printed as it comes at any verbosity.
+            python.call(name=name, function=_run_streamed,
+                        command=_hf_download(p, prof, interval))
+        else:
+            server.shell(name=name, commands=[_hf_download(p, prof)])
     else:
         cache = posixpath.join(p.route_home, "cache")
         server.shell(
@@ -189,7 +196,19 @@ def _tell_revision(prof: dict, report: dict | None) -> None:
         )
 
 
-def _hf_download(p: RoutePaths, prof: dict) -> str:
+CAFFEINATE = "/usr/bin/caffeinate -i -s"
+
+
+def _run_streamed(state, host, command: str) -> None:
+    """python.call: run `command` on the host, its output printed line by line
+    as it arrives, whatever pyinfra's verbosity."""
+    ok, _output = host.run_shell_command(
+        StringCommand(command), print_output=True, print_input=state.print_input)
+    if not ok:
+        raise RouteError(f"{host.name}: the download failed (its output is above)")
+
+
+def _hf_download(p: RoutePaths, prof: dict, progress_s: float = 0) -> str:
     env = ["HF_HUB_DISABLE_PROGRESS_BARS=1"]
     endpoint = host.data.get("model_hf_endpoint")
     if endpoint:
@@ -208,6 +227,16 @@ def _hf_download(p: RoutePaths, prof: dict) -> str:
         env.append(f'HF_TOKEN="$(cat {token})"')
     argv = [p.next_bin("hf"), "download", prof["repo"], "--revision", str(prof["revision"]),
             "--local-dir", p.model_dir]
+    # macOS: a download is hours, pyinfra runs it without a terminal, and disk
+    # and network activity alone do not keep a Mac awake. caffeinate holds off
+    # idle sleep (-i) and system sleep on AC power (-s) for as long as hf runs,
+    # whatever host_tuning_enabled and host_pmset say.
+    keep_awake = f"{CAFFEINATE} " if is_macos() else ""
+    if progress_s > 0:
+        # the checker runs hf and prints a progress line every progress_s
+        keep_awake += _checker(p, "progress", p.model_dir, "--shards", str(prof["shards"]),
+                               "--total-gib", f"{float(prof['size_gib']):g}",
+                               "--interval", f"{progress_s:g}", "--") + " "
     what = f"{prof['repo']}@{prof['revision']}"
     hint = (
         f"{host.name}: hf download of {what} into {p.model_dir} failed (see the hf message above); "
@@ -215,7 +244,7 @@ def _hf_download(p: RoutePaths, prof: dict) -> str:
         "then run the deploy again: finished shards are kept"
     )
     return (
-        f"{token_check}env {' '.join(env)} {' '.join(shlex.quote(a) for a in argv)} "
+        f"{token_check}{keep_awake}env {' '.join(env)} {' '.join(shlex.quote(a) for a in argv)} "
         f"|| {{ rc=$?; echo {shlex.quote(hint)} >&2; exit $rc; }}"
     )
 

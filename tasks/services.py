@@ -21,7 +21,7 @@ from pyinfra.facts.files import FileContents
 from pyinfra.operations import files
 
 from tasks.budget import prompt_cache_bytes
-from tasks.common import REPO, RoutePaths, fingerprint, paths, profile
+from tasks.common import REPO, RouteError, RoutePaths, fingerprint, paths, profile
 
 SERVER = "server"
 PROXY = "proxy"
@@ -39,6 +39,10 @@ class Service:
     stderr: str
     nofile: int
     restart_delay: int
+    # Each log rotated at this size (MB), this many rotated copies kept: the
+    # total stays under (log_keep + 1) x log_max_mb per log.
+    log_max_mb: int
+    log_keep: int
     # launchd ProcessType Interactive: the server must not be throttled.
     interactive: bool = False
     after: list[str] = field(default_factory=list)  # labels it starts after
@@ -109,11 +113,18 @@ def route_services() -> dict[str, Service]:
     p = paths()
     prof = profile()
     label = host.data.service_label_prefix
+    if int(host.data.service_log_max_mb) < 1 or int(host.data.service_log_keep) < 1:
+        raise RouteError(
+            f"{host.name}: service_log_max_mb {host.data.service_log_max_mb} and "
+            f"service_log_keep {host.data.service_log_keep} must both be at least 1"
+        )
     common = dict(
         env=base_env(p),
         workdir=p.home,
         nofile=int(host.data.service_nofile),
         restart_delay=int(host.data.service_restart_delay_s),
+        log_max_mb=int(host.data.service_log_max_mb),
+        log_keep=int(host.data.service_log_keep),
     )
     return {
         SERVER: Service(

@@ -14,6 +14,7 @@ from pyinfra.operations import files, python
 
 from tasks.backends import select_backend
 from tasks.common import REPO, RouteError, paths, profile
+from tasks.host import filevault
 from tasks.probes import bench_sizes
 from tasks.reach import Reach, testinfra_target
 from tasks.services import public_name, proxy_key_file, route_services
@@ -46,6 +47,8 @@ def manifest() -> dict:
         "services": {name: svc.label for name, svc in route_services().items()},
         "venv": p.venv,
         "route_home": p.route_home,
+        # macOS: `fdesetup status` at deploy time ({"on", "status"}); None elsewhere
+        "filevault": filevault(),
     }
 
 

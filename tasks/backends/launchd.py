@@ -79,10 +79,9 @@ class LaunchdBackend:
         services = list(route_services().values())
         return render(
             "launchd/newsyslog.conf.j2",
-            logs=[path for svc in services for path in (svc.stdout, svc.stderr)],
+            logs=[(path, svc.log_keep, svc.log_max_mb * 1024)
+                  for svc in services for path in (svc.stdout, svc.stderr)],
             owner=f"{self.paths.user}:{host.get_fact(launchd.PrimaryGroup, user=self.paths.user)}",
-            count=int(host.data.service_log_keep),
-            size_kb=int(host.data.service_log_max_mb) * 1024,
         )
 
     def prepare(self) -> None:

@@ -27,6 +27,7 @@ def service(**over) -> Service:
                               "HF_HUB_CACHE": "/Users/me/hf cache"},
         workdir="/Users/me", stdout="/Users/me/logs/server.out.log",
         stderr="/Users/me/logs/server.err.log", nofile=65536, restart_delay=7, interactive=True,
+        log_max_mb=50, log_keep=5,
     )
     return Service(**(fields | over))
 

@@ -139,6 +139,30 @@ def test_fresh_mac_is_tuned_now_and_at_every_boot(fresh):
     assert not fresh.matching(r"launchctl \w+ system/org\.mlxroute\.host-tuning")
 
 
+def test_fresh_mac_stays_awake_for_the_whole_download(fresh):
+    """Issue 16: pmset (and the GPU and file limits) come before the weights
+    are fetched, and `hf download` itself runs under caffeinate, so idle sleep
+    cannot cut a 368 GB download short."""
+    c = fresh.commands
+    download = index(c, r"hf download ")
+    assert index(c, r"^pmset -a ") < download
+    assert index(c, r"^sysctl -w iogpu\.wired_limit_mb=") < download
+    assert index(c, r"^launchctl limit maxfiles \d") < download
+    (command,) = fresh.matching(r"hf download ")
+    # caffeinate holds the whole of it: the progress reporter and hf under it
+    assert re.search(r"(^|; )/usr/bin/caffeinate -i -s \S*/bin/python \S*/check_weights\.py "
+                     r"progress --dir \S+ --shards 76 --total-gib 368 --interval 30 -- "
+                     r"env HF_HUB_DISABLE_PROGRESS_BARS=1 \S*/bin/hf download ", command), command
+
+
+def test_download_stays_awake_with_host_tuning_off(workdir):
+    plan = run_plan(workdir, None, "host_tuning_enabled=False")
+    assert plan.code == 0, plan.output[-4000:]
+    assert not plan.matching(r"^(pmset -a|sysctl -w)")
+    (command,) = plan.matching(r"hf download ")
+    assert command.startswith("/usr/bin/caffeinate -i -s ")
+
+
 def test_service_plists_carry_the_shared_service_description(fresh):
     manifest = json.loads(fresh.uploads[f"{ROUTE}/route.json"])
     assert manifest["backend"] == "launchd" and manifest["launchd_domain"] == "system"
@@ -181,6 +205,49 @@ def test_newsyslog_rotates_each_service_log(fresh):
     for rule in rules:
         # owner:group, mode, copies kept, size in KB (service_log_max_mb), any time, no signal
         assert rule[1:] == ["milo:staff", "644", "5", str(50 * 1024), "*", "N"]
+
+
+def test_newsyslog_takes_the_rotation_from_data(workdir):
+    plan = run_plan(workdir, None, "service_log_max_mb=10", "service_log_keep=3")
+    assert plan.code == 0, plan.output[-4000:]
+    rules = [line.split("\t") for line in plan.uploads[NEWSYSLOG].splitlines()
+             if line and not line.startswith("#")]
+    assert len(rules) == 4
+    assert {tuple(rule[3:5]) for rule in rules} == {("3", str(10 * 1024))}
+    refused = run_plan(workdir, None, "service_log_max_mb=0")
+    assert refused.code != 0
+    assert "service_log_max_mb 0 and service_log_keep 5 must both be at least 1" in refused.output
+
+
+FILEVAULT_WARNING = ("FileVault is On (FileVault is On.): an unattended restart needs "
+                     "`sudo fdesetup authrestart` or FileVault off; LaunchDaemons do not start "
+                     "before the first login")
+
+
+def test_filevault_off_is_recorded_without_a_warning(fresh):
+    manifest = json.loads(fresh.uploads[f"{ROUTE}/route.json"])
+    assert manifest["filevault"] == {"on": False, "status": "FileVault is Off."}
+    assert "FileVault is On" not in fresh.output
+
+
+@pytest.mark.parametrize("data", [(), ("host_tuning_enabled=False",)])
+def test_filevault_on_is_warned_about_and_recorded(workdir, data):
+    plan = run_plan(workdir, {"responses": [["fdesetup status", "FileVault is On."]]}, *data)
+    assert plan.code == 0, plan.output[-4000:]
+    assert FILEVAULT_WARNING in plan.output
+    manifest = json.loads(plan.uploads[f"{ROUTE}/route.json"])
+    assert manifest["filevault"] == {"on": True, "status": "FileVault is On."}
+
+
+def test_filevault_being_enabled_at_the_next_restart_counts_as_on():
+    from tasks.host import FileVaultStatus
+
+    assert FileVaultStatus().process(
+        ["FileVault is Off, but will be enabled after the next restart."])["on"] is True
+    assert FileVaultStatus().process(
+        ["FileVault is On.", "Decryption in progress: Percent completed = 40.00"])["on"] is True
+    assert FileVaultStatus().process(["FileVault is Off."])["on"] is False
+    assert FileVaultStatus().process([]) is None
 
 
 def test_verify_route_skips_the_fake_host_and_says_so(fresh):

@@ -69,6 +69,7 @@ def test_series_applies_cleanly_to_the_pinned_mlx_lm_and_is_recorded(tmp_path):
     server = (site / "mlx_lm" / "server.py").read_text()
     assert "--serve-any-model" in server
     assert "def _watch_client" in server and "mlx_lm-0003" in server
+    assert "def _recover" in server and "mlx_lm-0004" in server
     assert not stale.exists(), "stale bytecode of a patched module must go"
     assert other.read_bytes() == b"untouched"
 

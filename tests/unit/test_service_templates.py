@@ -29,6 +29,7 @@ def make_service(tmp_path, argv=ARGV) -> Service:
         argv=list(argv), env={"HOME": str(tmp_path), "HF_HUB_CACHE": f"{tmp_path}/hf cache"},
         workdir=str(tmp_path), stdout=f"{tmp_path}/server.out.log",
         stderr=f"{tmp_path}/server.err.log", nofile=4096, restart_delay=5,
+        log_max_mb=50, log_keep=5,
     )
 
 
