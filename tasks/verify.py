@@ -12,6 +12,7 @@ from pyinfra import host, logger
 from pyinfra.api import deploy
 from pyinfra.operations import files, python
 
+from tasks import as_user
 from tasks.backends import select_backend
 from tasks.common import REPO, RouteError, paths, profile
 from tasks.probes import bench_sizes
@@ -55,7 +56,7 @@ def manifest_path() -> str:
 
 @deploy("Write the route manifest")
 def write_manifest():
-    files.put(
+    as_user.put(
         name="Write route.json (what the host suite checks)",
         src=StringIO(json.dumps(manifest(), indent=2, sort_keys=True) + "\n"),
         dest=manifest_path(),

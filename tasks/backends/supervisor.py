@@ -14,6 +14,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase
 from pyinfra.operations import files, server
 
+from tasks import as_user
 from tasks.common import paths
 from tasks.services import Service, render
 
@@ -78,7 +79,7 @@ class SupervisorBackend:
 
     def prepare(self) -> None:
         files.directory(name="Create the supervisor directories", path=self.conf_d, present=True)
-        files.put(
+        as_user.put(
             name="Write supervisord.conf",
             src=StringIO(render(
                 "supervisor/supervisord.conf.j2",
@@ -115,7 +116,7 @@ class SupervisorBackend:
         return wanted
 
     def install(self, svc: Service, text: str) -> None:
-        files.put(
+        as_user.put(
             name=f"Write the supervisor program for the {svc.name}",
             src=StringIO(text),
             dest=self.definition_path(svc),
