@@ -43,6 +43,12 @@ def manifest() -> dict:
         },
         "backend": backend.name,
         "backend_ctl": getattr(backend, "ctl", None),
+        # who owns the route, and what its services run: how the host suite checks
+        # them when it connects as another user (ownership, processes)
+        "user": p.user,
+        "supervisord_pidfile": getattr(backend, "pidfile", None),
+        "service_definitions": {name: backend.definition_path(svc)
+                                for name, svc in route_services().items()},
         "launchd_domain": getattr(backend, "domain", None),
         "services": {name: svc.label for name, svc in route_services().items()},
         "venv": p.venv,

@@ -59,6 +59,7 @@ class SupervisorBackend:
         self.root = posixpath.join(p.route_home, "supervisor")
         self.conf = posixpath.join(self.root, "supervisord.conf")
         self.conf_d = posixpath.join(self.root, "conf.d")
+        self.pidfile = posixpath.join(self.root, "supervisord.pid")
         # From `next`: it exists from the release step on, `current` only after
         # the first switch (any release's supervisorctl talks to supervisord).
         self.ctl = f"{shlex.quote(p.next_bin('supervisorctl'))} -c {shlex.quote(self.conf)}"
@@ -84,7 +85,7 @@ class SupervisorBackend:
             src=StringIO(render(
                 "supervisor/supervisord.conf.j2",
                 sock=posixpath.join(self.root, "supervisor.sock"),
-                pidfile=posixpath.join(self.root, "supervisord.pid"),
+                pidfile=self.pidfile,
                 logfile=posixpath.join(self.logs_dir, "supervisord.log"),
                 conf_d=self.conf_d,
                 home=self.home,
