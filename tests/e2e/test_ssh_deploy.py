@@ -3,7 +3,10 @@
 Each host is a network namespace with its own sshd and user
 (tests/fixtures/ssh_hosts.py). pyinfra reaches them with a key, a known_hosts
 file and strict host key checking, as it reaches a Mac Studio; the deploy's
-last step runs the host suite over SSH with the same settings. Needs root
+last step runs the host suite over SSH with the same settings. Host A's SSH
+user has passwordless sudo and owns its route; host B's needs its sudo
+password (given in host data, `_sudo_password`), and B's route belongs to
+another user, `route_user`, reached only through that sudo. Needs root
 (skipped otherwise); `pytest -m "not e2e"` leaves it out.
 """
 
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_deploy import NO_VERIFY, REPO, VERIFY_ROW, deploy, results_table
+from tests.e2e.test_deploy import NO_VERIFY, PYINFRA, REPO, VERIFY_ROW, deploy, results_table
 from tests.fixtures.ssh_hosts import missing_requirements, ssh_hosts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
@@ -44,11 +47,30 @@ def hosts(tmp_path_factory):
         entries = "".join(
             f"    ({h.address!r}, {{'ssh_user': {h.name!r}, 'ssh_key': {str(key)!r}, "
             f"'ssh_known_hosts_file': {str(known_hosts)!r}, {lan.get(i, '')}"
+            f"{sudo_data(h)}"
             f"'ssh_strict_host_key_checking': 'yes', 'model_profile': {PROFILE!r}}}),\n"
             for i, h in enumerate(made)
         )
         inventory.write_text(f"ssh_hosts = [\n{entries}]\n")
         yield made, str(inventory), known_hosts
+
+
+def sudo_data(host, password: bool = True) -> str:
+    """Host data for route_user and the sudo password (pyinfra 3.10: the global
+    argument `_sudo_password` as host data; `--use-sudo-password` asks for it)."""
+    data = ""
+    if host.route_user:
+        data += f"'route_user': {host.route_user!r}, "
+    if host.sudo_password and password:
+        data += f"'_sudo_password': {host.sudo_password!r}, "
+    return data
+
+
+def ssh(host, known_hosts, key, *command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ssh", "-i", str(key), "-o", f"UserKnownHostsFile={known_hosts}", "-o", "BatchMode=yes",
+         "-o", "StrictHostKeyChecking=yes", f"{host.name}@{host.address}", *command],
+        capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +99,63 @@ def test_ssh_deploy_brings_up_each_host_and_its_host_suite_passes_over_ssh(hosts
     assert not re.search(r"\b\d+ failed\b", first_run), first_run[-3000:]
 
 
-def test_ssh_deploy_installs_everything_as_the_ssh_user(hosts, first_run):
+def test_ssh_deploy_installs_everything_as_the_route_user(hosts, first_run):
+    """A: the SSH user's; B: route_user's, not the SSH user's (written through sudo)."""
     made = hosts[0]
+    assert made[1].route_user and made[1].route_user != made[1].name
     for host in made:
+        owner = host.route_user or host.name
         route = json.loads(host.route_json.read_text())
-        for path in (route["venv"], route["model_dir"], route["route_home"], host.route_json):
-            assert Path(path).owner() == host.name, path
+        assert route["user"] == owner
+        release = Path(route["venv"]).resolve()
+        assert release.parent.name == "releases", release
+        for path in (route["venv"], release, release / "pyvenv.cfg", route["model_dir"],
+                     *Path(route["model_dir"]).iterdir(), route["route_home"],
+                     Path(route["route_home"]) / "bin" / "routectl.py",
+                     Path(route["route_home"]) / "patches" / "series",
+                     Path(route["route_home"]) / "state" / "server.applied",
+                     host.route_json):
+            assert Path(path).owner() == owner, path
+        # the services run as that user too, supervisord included
+        pidfile = Path(route["supervisord_pidfile"])
+        supervisord = int(pidfile.read_text())
+        assert Path(f"/proc/{supervisord}").owner() == owner
+        children = subprocess.run(["pgrep", "-P", str(supervisord)], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) >= 2, children
+        assert {Path(f"/proc/{pid}").owner() for pid in children} == {owner}
+    # nothing staged for route_user is left in /tmp (tasks/as_user.py removes it)
+    assert not list(Path("/tmp").glob(f"mlx-route-{made[1].name}-*"))
+
+
+def test_sudo_on_the_hosts_is_as_the_inventory_says(hosts, first_run):
+    """A's SSH user may sudo without a password; B's may not: B's deploy above
+    used its password, and that is the only way it got route_user's files."""
+    (a, b), _, known_hosts = hosts
+    key = known_hosts.with_name("id_ed25519")
+    assert ssh(a, known_hosts, key, "sudo", "-n", "true").returncode == 0
+    refused_ = ssh(b, known_hosts, key, "sudo", "-n", "-u", b.route_user, "true")
+    assert refused_.returncode != 0 and "password" in refused_.stderr, refused_.stderr
+
+
+def test_route_user_host_without_its_sudo_password_is_refused(hosts, first_run, tmp_path):
+    """Host B's data without `_sudo_password`: the deploy cannot act as route_user
+    and fails on B (pyinfra finds no password and cannot ask: no terminal)."""
+    (_, b), inventory, known_hosts = hosts
+    text = Path(inventory).read_text()
+    line = next(line for line in text.splitlines() if repr(b.address) in line)
+    assert f"'_sudo_password': {b.sudo_password!r}, " in line
+    alone = tmp_path / "inventory_no_password.py"
+    alone.write_text("ssh_hosts = [\n" + line.replace(
+        f"'_sudo_password': {b.sudo_password!r}, ", "") + "\n]\n")
+    # no terminal and nothing on stdin, as in CI: pyinfra cannot ask for it
+    result = subprocess.run([PYINFRA, "-y", str(alone), "deploy.py", *NO_VERIFY], cwd=REPO,
+                            capture_output=True, text=True, timeout=600,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log[-3000:]
+    assert b.sudo_password not in log
+    assert f"[{b.address}] Success" not in log and f"[{b.address}] No changes" not in log
 
 
 def test_ssh_second_run_reports_no_changes(hosts, first_run):
