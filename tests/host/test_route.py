@@ -41,7 +41,9 @@ def supervised_by_ps(host, route, name: str) -> tuple[bool, str]:
     from the process table, for a suite connected as another user (supervisord's
     socket is its owner's only)."""
     pid = host.file(route["supervisord_pidfile"]).content_string.strip()
-    table = host.run("ps -ww -e -o pid=,ppid=,user=,args=").stdout.splitlines()
+    # uids: ps cuts user names to 8 characters
+    uid = host.run(f"id -u {shlex.quote(route['user'])}").stdout.strip()
+    table = host.run("ps -ww -e -o pid=,ppid=,uid=,args=").stdout.splitlines()
     rows = [line.split(None, 3) for line in table if len(line.split(None, 3)) == 4]
     parent = [row for row in rows if row[0] == pid]
     definition = host.file(route["service_definitions"][name]).content_string
@@ -49,8 +51,8 @@ def supervised_by_ps(host, route, name: str) -> tuple[bool, str]:
                   if line.startswith("command=")]
     argv = " ".join(shlex.split(command.replace("%%", "%")))
     children = [row for row in rows if row[1] == pid and row[3].startswith(argv)]
-    ok = bool(parent) and parent[0][2] == route["user"] and bool(children) and all(
-        row[2] == route["user"] for row in children)
+    ok = bool(uid) and bool(parent) and parent[0][2] == uid and bool(children) and all(
+        row[2] == uid for row in children)
     return ok, f"supervisord {parent[:1]}, {name}: {children}"
 
 
@@ -149,7 +151,7 @@ def test_route_files_belong_to_the_route_user(host, route):
     owner = route.get("user")
     assert owner, "route.json names no user: deploy again"
     release = host.run(f"readlink -f {shlex.quote(route['venv'])}").stdout.strip()
-    for path in (route["venv"], release, posixpath.join(release, "bin", "python"),
+    for path in (route["venv"], release, posixpath.join(release, "pyvenv.cfg"),
                  route["model_dir"], route["route_home"],
                  posixpath.join(route["route_home"], "route.json")):
         f = host.file(path)
