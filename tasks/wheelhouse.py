@@ -26,6 +26,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -139,6 +141,11 @@ def _pip_download(dest: Path, requirements: list[str], env: dict) -> None:
             f"{result.stderr.strip()[-1500:]}")
 
 
+# pyinfra prepares its hosts side by side (gevent: these locks are its own):
+# one host builds a wheelhouse, the others of the same <key> wait and reuse it
+_BUILDING: dict[str, threading.Lock] = {}
+
+
 def local_wheelhouse(env: dict) -> Path:
     """venv_wheelhouse/<key> on the workstation: built once, reused for every
     host of the same platform and Python (and every later deploy)."""
@@ -150,20 +157,26 @@ def local_wheelhouse(env: dict) -> Path:
     if not root.is_absolute():
         root = REPO / root
     folder = root / key
-    if (folder / ".complete").exists():
-        logger.info(f"{host.name}: wheelhouse {key} reused ({folder})")
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    building = root / f".{key}.{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
+    with _BUILDING.setdefault(key, threading.Lock()):
+        if (folder / ".complete").exists():
+            logger.info(f"{host.name}: wheelhouse {key} reused ({folder})")
+            return folder
+        return _build(folder, key, requirements, tags, env)
+
+
+def _build(folder: Path, key: str, requirements: list[str], tags: list[str], env: dict) -> Path:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # beside it, then renamed: a deploy stopped half-way leaves no folder that looks complete
+    building = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
     started = time.monotonic()
     _pip_download(building, requirements, env)
     (building / ".complete").write_text(json.dumps(
         {"requirements": requirements, "platforms": tags, "python": env["python_version"]},
         indent=1) + "\n")
+    building.chmod(0o755)
     try:
         building.rename(folder)
-    except OSError:  # another deploy finished the same folder first
+    except OSError:  # another deploy (another process) finished the same folder first
         shutil.rmtree(building, ignore_errors=True)
     wheels = len(list(folder.glob("*.whl")))
     logger.info(f"{host.name}: wheelhouse {key} built in {time.monotonic() - started:.1f} s "

@@ -15,13 +15,10 @@ from __future__ import annotations
 import json
 import re
 import runpy
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -235,69 +232,58 @@ def test_speed_report_by_hand_over_ssh_with_the_config_the_deploy_wrote(hosts, f
     assert report["probes"], report
 
 
-# The workstation's view: what a client on the LAN (LiteLLM, Terminal-Bench,
-# Hermes on another machine) meets. Only the test hosts' addresses are contacted.
+# The workstation's view (tests/workstation): what a client on the LAN
+# (LiteLLM, Terminal-Bench, Hermes on another machine) meets, run by hand as
+# README says, with the SSH config the deploy wrote. Only the test hosts'
+# addresses are contacted.
 
-def lan_status(url: str, headers: dict | None = None) -> int:
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
-def refused(address: str, port: int) -> bool:
-    try:
-        socket.create_connection((address, port), timeout=5).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
-@pytest.fixture(scope="module")
-def lan_key(hosts, first_run):
-    """Host A's proxy key, read over SSH as a user would (never printed)."""
-    host = hosts[0][0]
-    route = json.loads(host.route_json.read_text())
+def workstation_view(host, tmp_path) -> tuple[subprocess.CompletedProcess, dict]:
     config = REPO / "reports" / "ssh" / f"{host.address}.config"
-    out = subprocess.run(["ssh", "-F", str(config), host.address, "cat", route["proxy"]["key_file"]],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0 and out.stdout.strip(), "could not read the key over SSH"
-    return out.stdout.strip()
+    report = tmp_path / f"workstation-{host.name}.xml"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/workstation", "-rA", "-s", "-p", "no:cacheprovider",
+         "--lan-host", host.address, "--lan-ssh-config", str(config),
+         "--route-manifest", str(host.route_json), f"--junitxml={report}",
+         "-o", "junit_family=legacy"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    outcomes = {}
+    for case in ElementTree.parse(report).iter("testcase"):
+        kind = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")),
+                    "passed")
+        outcomes[case.get("name")] = kind
+    return result, outcomes
 
 
-def test_lan_client_with_the_key_lists_models_and_chats_through_the_openai_sdk(
-        hosts, lan_key, record_property):
-    import openai
-
+def test_workstation_view_of_the_lan_proxy(hosts, first_run, tmp_path):
+    """Host A: the openai SDK with the key (read over SSH, never printed) lists
+    the models and chats with the model name kept; no key and a wrong key get
+    401; the server port refuses the LAN."""
     host = hosts[0][0]
-    route = json.loads(host.route_json.read_text())
-    client = openai.OpenAI(base_url=f"http://{host.address}:{route['proxy']['port']}/v1",
-                           api_key=lan_key, max_retries=0, timeout=300)
-    assert [m.id for m in client.models.list().data], "no model listed"
-    started = time.monotonic()
-    reply = client.chat.completions.create(model="openai/glm52",
-                                           messages=route["smoke"]["messages"],
-                                           max_tokens=route["smoke"].get("max_tokens", 32))
-    wall = time.monotonic() - started
-    record_property("lan_chat_wall_s", round(wall, 3))
-    print(f"LAN client: chat answered in {wall:.2f} s")
-    assert reply.model == "openai/glm52"
-    assert route["smoke"]["expect"] in reply.choices[0].message.content
+    result, outcomes = workstation_view(host, tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert outcomes == {
+        "test_lan_client_with_the_key_lists_models_and_chats_through_the_openai_sdk": "passed",
+        "test_lan_client_without_or_with_a_wrong_key_gets_401": "passed",
+        "test_server_port_refuses_the_lan": "passed",
+        "test_loopback_only_proxy_refuses_the_lan": "skipped",
+    }, result.stdout[-3000:]
+    key = (host.home / ".local/share/mlx-route" / "proxy.key").read_text().strip()
+    assert key and key not in result.stdout + result.stderr
+    latency = re.search(r"LAN client at \S+: /v1/models in (\d+) ms, chat answered in ([\d.]+) s",
+                        result.stdout)
+    assert latency, result.stdout[-2000:]
+    print(latency.group(0))
 
 
-def test_lan_client_without_or_with_a_wrong_key_gets_401(hosts, lan_key):
-    host = hosts[0][0]
-    url = f"http://{host.address}:{json.loads(host.route_json.read_text())['proxy']['port']}"
-    assert lan_status(url + "/v1/models") == 401
-    assert lan_status(url + "/v1/models", {"Authorization": "Bearer not-" + lan_key[:4]}) == 401
-
-
-def test_server_port_and_a_loopback_proxy_are_unreachable_from_the_lan(hosts, first_run):
-    lan_host, loopback_host = hosts[0]
-    for host in (lan_host, loopback_host):
-        route = json.loads(host.route_json.read_text())
-        assert refused(host.address, route["server"]["port"]), f"{host.address}: server reachable"
-    route = json.loads(loopback_host.route_json.read_text())
-    assert refused(loopback_host.address, route["proxy"]["port"]), "loopback proxy reachable"
+def test_workstation_view_of_a_loopback_proxy(hosts, first_run, tmp_path):
+    """Host B (route_user's route, proxy on loopback): neither its server nor its
+    proxy answers the LAN."""
+    host = hosts[0][1]
+    result, outcomes = workstation_view(host, tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert outcomes == {
+        "test_lan_client_with_the_key_lists_models_and_chats_through_the_openai_sdk": "skipped",
+        "test_lan_client_without_or_with_a_wrong_key_gets_401": "skipped",
+        "test_server_port_refuses_the_lan": "passed",
+        "test_loopback_only_proxy_refuses_the_lan": "passed",
+    }, result.stdout[-3000:]
