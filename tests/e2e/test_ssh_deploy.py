@@ -175,6 +175,8 @@ def test_route_user_host_without_its_sudo_password_is_refused(hosts, first_run, 
                             stdin=subprocess.DEVNULL, start_new_session=True)
     log = result.stdout + result.stderr
     assert result.returncode != 0, log[-3000:]
+    # refused because sudo asked for the password (pyinfra's prompt finds no terminal)
+    assert "sudo password" in log and "EOFError" in log, log[-3000:]
     assert b.sudo_password not in log
     assert f"[{b.address}] Success" not in log and f"[{b.address}] No changes" not in log
 
