@@ -23,7 +23,7 @@ from xml.etree import ElementTree
 import pytest
 
 from tests.e2e.test_deploy import NO_VERIFY, PYINFRA, REPO, VERIFY_ROW, deploy, results_table
-from tests.fixtures.ssh_hosts import missing_requirements, ssh_hosts
+from tests.fixtures.ssh_hosts import inventory_text, missing_requirements, ssh_hosts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
@@ -41,28 +41,8 @@ def hosts(tmp_path_factory):
         inventory = tmp_path_factory.mktemp("ssh") / "inventory_ssh.py"
         # the hosts reach no package index: the deploy brings the wheels
         wheelhouse = tmp_path_factory.mktemp("wheelhouse")
-        # host A serves its proxy on the LAN (with the key), host B on loopback only
-        lan = {0: "'proxy_host': '0.0.0.0', 'proxy_api_key': True, "}
-        entries = "".join(
-            f"    ({h.address!r}, {{'ssh_user': {h.name!r}, 'ssh_key': {str(key)!r}, "
-            f"'ssh_known_hosts_file': {str(known_hosts)!r}, {lan.get(i, '')}"
-            f"{sudo_data(h)}'venv_wheelhouse': {str(wheelhouse)!r}, "
-            f"'ssh_strict_host_key_checking': 'yes', 'model_profile': {PROFILE!r}}}),\n"
-            for i, h in enumerate(made)
-        )
-        inventory.write_text(f"ssh_hosts = [\n{entries}]\n")
+        inventory.write_text(inventory_text(made, key, known_hosts, wheelhouse, PROFILE))
         yield made, str(inventory), known_hosts, wheelhouse
-
-
-def sudo_data(host, password: bool = True) -> str:
-    """Host data for route_user and the sudo password (pyinfra 3.10: the global
-    argument `_sudo_password` as host data; `--use-sudo-password` asks for it)."""
-    data = ""
-    if host.route_user:
-        data += f"'route_user': {host.route_user!r}, "
-    if host.sudo_password and password:
-        data += f"'_sudo_password': {host.sudo_password!r}, "
-    return data
 
 
 def ssh(host, known_hosts, key, *command: str) -> subprocess.CompletedProcess:
