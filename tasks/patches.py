@@ -17,6 +17,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server
 
+from tasks import as_user
 from tasks.common import RouteError, paths, repo_file
 from tasks.release import release_state, wanted_release
 
@@ -103,14 +104,8 @@ def apply_patches():
 
     files.directory(name="Create the scripts directory", path=p.bin_dir, present=True)
     files.directory(name="Create the state directory", path=p.state_dir, present=True)
-    files.put(name="Upload mlx_patches.py", src=str(repo_file("files/mlx_patches.py")), dest=script, mode="755")
-    files.sync(
-        name="Upload the patch series",
-        src=str(repo_file("patches")),
-        dest=series,
-        delete=True,
-        add_deploy_dir=False,
-    )
+    as_user.put(name="Upload mlx_patches.py", src=str(repo_file("files/mlx_patches.py")), dest=script, mode="755")
+    as_user.sync(name="Upload the patch series", src=repo_file("patches"), dest=series)
 
     reason = _why_apply(script, series, record, wanted)
     if reason is None:

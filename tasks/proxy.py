@@ -12,6 +12,7 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
 from tasks.backends import select_backend
+from tasks import as_user
 from tasks.common import paths
 from tasks.proxy_artifact import ARTIFACT, build_zipapp
 from tasks.services import PROXY, deploy_service, proxy_key_file, route_services
@@ -23,7 +24,7 @@ def start_proxy():
     backend = select_backend()
     svc = route_services()[PROXY]
     artifact = build_zipapp()
-    files.put(name=f"Upload {ARTIFACT}", src=io.BytesIO(artifact), dest=p.script(ARTIFACT))
+    as_user.put(name=f"Upload {ARTIFACT}", src=io.BytesIO(artifact), dest=p.script(ARTIFACT))
     files.file(name="Remove the one-file proxy.py of earlier deploys", path=p.script("proxy.py"),
                present=False)
     key_file = proxy_key_file(p)

@@ -18,6 +18,7 @@ from pyinfra.api import deploy
 from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
+from tasks.as_user import route_user_args
 from tasks.common import paths
 
 KEY_NAME = "proxy.key"
@@ -36,7 +37,7 @@ def ensure_proxy_key():
         return None
     p = paths()
     key = posixpath.join(p.route_home, KEY_NAME)
-    as_user = {"_sudo": True, "_sudo_user": p.user} if host.data.get("route_user") else {}
+    as_user = route_user_args()
     existing = host.get_fact(File, path=key, **as_user)
     rotate = bool(host.data.get("proxy_rotate_key"))
     if existing and not rotate:

@@ -31,8 +31,10 @@ from pyinfra import host
 from pyinfra.api import FactBase, deploy
 from pyinfra.operations import files, server
 
+from tasks import as_user
 from tasks.common import REPO, fingerprint, paths, repo_file
 from tasks.interpreter import Interpreter, resolve_python
+from tasks.wheelhouse import pip_source_args, ship_wheelhouse
 
 MARKER = ".mlx-route-release"
 
@@ -116,6 +118,8 @@ def build_release():
     release = wanted_release()
     state = release_state(release)
     q = shlex.quote
+    # venv_wheelhouse: the packages come from the workstation (tasks/wheelhouse.py)
+    ship_wheelhouse(release.interpreter)
 
     if state.get("wanted") != "complete":
         if state.get("wanted") in ("partial", "broken"):
@@ -131,7 +135,7 @@ def build_release():
                       f"{q(release.interpreter)} -m venv {q(release.dir)}"],
         )
         remote_lock = posixpath.join(release.dir, "requirements.txt")
-        files.put(
+        as_user.put(
             name=f"Upload the lock file into release {release.id}",
             src=str(repo_file(host.data.venv_requirements)),
             dest=remote_lock,
@@ -140,7 +144,7 @@ def build_release():
             name=f"Install the pinned packages into release {release.id}",
             commands=[
                 f"{q(release.python)} -m pip install --disable-pip-version-check --no-input "
-                f"-q -r {q(remote_lock)}",
+                f"-q {pip_source_args()}-r {q(remote_lock)}",
                 # written last: a release without it is unfinished
                 f"echo {q(record(release))} > {q(posixpath.join(release.dir, MARKER))}",
             ],

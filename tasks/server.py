@@ -24,6 +24,8 @@ from pyinfra.api import deploy
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import files, server
 
+from tasks import as_user
+from tasks.as_user import as_root
 from tasks.backends import select_backend
 from tasks.budget import memory_budget, restart_strategy
 from tasks.common import fingerprint, paths, profile, repo_file
@@ -90,7 +92,7 @@ def start_server():
     budget = memory_budget()
     strategy = restart_strategy(budget)
 
-    files.put(name="Upload routectl.py", src=str(repo_file("files/routectl.py")),
+    as_user.put(name="Upload routectl.py", src=str(repo_file("files/routectl.py")),
               dest=p.script("routectl.py"))
     files.directory(name="Create the log directory", path=p.logs_dir, present=True)
     files.directory(name="Create the HF cache directory", path=svc.env["HF_HUB_CACHE"],
@@ -110,7 +112,7 @@ def start_server():
     staged = None
     if definition is None or "\n".join(definition) != text.rstrip("\n"):
         staged = posixpath.join(p.state_dir, f"{svc.name}.definition.next")
-        files.put(name=f"Stage the new {svc.name} definition", src=StringIO(text), dest=staged)
+        as_user.put(name=f"Stage the new {svc.name} definition", src=StringIO(text), dest=staged)
     what = (f"release {release.id}" if current != release.id
             else f"release {release.id} (same release: new definition or not running)")
     server.shell(
@@ -118,7 +120,7 @@ def start_server():
              + (f" (from {current}; rollback on failure)" if current else ""),
         commands=[switch_command(backend, svc, release.id, strategy, staged,
                                  protected_releases())],
-        _sudo=backend.sudo,
+        **as_root(backend.sudo),
     )
     record_started(svc, desired)
 
@@ -131,11 +133,11 @@ def roll_back_server():
     backend = select_backend()
     svc = route_services()[SERVER]
     strategy = restart_strategy(memory_budget())
-    files.put(name="Upload routectl.py", src=str(repo_file("files/routectl.py")),
+    as_user.put(name="Upload routectl.py", src=str(repo_file("files/routectl.py")),
               dest=p.script("routectl.py"))
     server.shell(
         name=f"Switch the server back to the previous release ({strategy})",
         commands=[switch_command(backend, svc, "previous", strategy, None, protected_releases(),
                                  python=p.python)],
-        _sudo=backend.sudo,
+        **as_root(backend.sudo),
     )

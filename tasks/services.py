@@ -20,6 +20,7 @@ from pyinfra import host
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import files
 
+from tasks import as_user
 from tasks.budget import prompt_cache_bytes
 from tasks.common import REPO, RouteError, RoutePaths, fingerprint, paths, profile
 
@@ -202,7 +203,7 @@ def deploy_service(backend, svc: Service, code: list[bytes | str], after_restart
 
 def record_started(svc: Service, desired: str) -> None:
     """The stamp of what answered; written only after it did (a failed run retries)."""
-    files.put(
+    as_user.put(
         name=f"Record the {svc.name} as started ({desired})",
         src=StringIO(desired + "\n"),
         dest=stamp_path(svc),

@@ -12,6 +12,7 @@ from pyinfra import host, logger
 from pyinfra.api import deploy
 from pyinfra.operations import files, python
 
+from tasks import as_user
 from tasks.backends import select_backend
 from tasks.common import REPO, RouteError, paths, profile
 from tasks.host import filevault
@@ -43,6 +44,12 @@ def manifest() -> dict:
         },
         "backend": backend.name,
         "backend_ctl": getattr(backend, "ctl", None),
+        # who owns the route, and what its services run: how the host suite checks
+        # them when it connects as another user (ownership, processes)
+        "user": p.user,
+        "supervisord_pidfile": getattr(backend, "pidfile", None),
+        "service_definitions": {name: backend.definition_path(svc)
+                                for name, svc in route_services().items()},
         "launchd_domain": getattr(backend, "domain", None),
         "services": {name: svc.label for name, svc in route_services().items()},
         "venv": p.venv,
@@ -58,7 +65,7 @@ def manifest_path() -> str:
 
 @deploy("Write the route manifest")
 def write_manifest():
-    files.put(
+    as_user.put(
         name="Write route.json (what the host suite checks)",
         src=StringIO(json.dumps(manifest(), indent=2, sort_keys=True) + "\n"),
         dest=manifest_path(),

@@ -18,3 +18,14 @@ def pytest_addoption(parser):
         default="~/.local/share/mlx-route/route.json",
         help="path, on the host under test, of the route.json the deploy wrote (tests/host)",
     )
+    parser.addoption(
+        "--lan-host",
+        default=None,
+        help="address of a deployed host as LAN clients reach it (tests/workstation)",
+    )
+    parser.addoption(
+        "--lan-ssh-config",
+        default=None,
+        help="ssh_config to read the host's route.json and key with: the deploy's "
+             "reports/ssh/<host>.config (tests/workstation)",
+    )

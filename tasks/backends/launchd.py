@@ -21,7 +21,8 @@ from io import StringIO
 from pyinfra import host
 from pyinfra.operations import files
 
-from tasks import launchd
+from tasks import as_user, launchd
+from tasks.as_user import as_root, other_route_user
 from tasks.common import RouteError, paths
 from tasks.services import Service, render, route_services
 
@@ -109,18 +110,27 @@ class LaunchdBackend:
             user="root",
             group="wheel",
             mode="644",
-            _sudo=True,
+            **as_root(),
         )
 
     def install(self, svc: Service, text: str) -> None:
+        if self.kind != "system" and other_route_user():
+            # another user's agent: as that user, without pyinfra's setfacl (tasks/as_user.py)
+            op = as_user.put(
+                name=f"Write the launchd plist for the {svc.name} ({self.domain})",
+                src=StringIO(text),
+                dest=self.definition_path(svc),
+                mode="644",
+            )
+            self._reload[svc.name] = op is not None
+            return
         owner = {"user": "root", "group": "wheel"} if self.kind == "system" else {}
         op = files.put(
             name=f"Write the launchd plist for the {svc.name} ({self.domain})",
             src=StringIO(text),
             dest=self.definition_path(svc),
             mode="644",
-            _sudo=self.sudo,
-            _sudo_user=self.paths.user if self.sudo and self.kind != "system" else None,
+            **as_root(self.sudo),
             # launchd refuses a LaunchDaemon that is not root:wheel 644 with the
             # same "5: Input/output error" as a loaded label
             **owner,
@@ -136,7 +146,7 @@ class LaunchdBackend:
             reload=self._reload.get(svc.name, True),
             restart=True,
             bootstrap_retries=int(host.data.service_launchd_bootstrap_retries),
-            _sudo=self.sudo,
+            **as_root(self.sudo),
         )
 
     def start_command(self, svc: Service) -> str:

@@ -14,6 +14,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase
 from pyinfra.operations import files, server
 
+from tasks import as_user
 from tasks.common import paths
 from tasks.services import Service, render
 
@@ -58,6 +59,7 @@ class SupervisorBackend:
         self.root = posixpath.join(p.route_home, "supervisor")
         self.conf = posixpath.join(self.root, "supervisord.conf")
         self.conf_d = posixpath.join(self.root, "conf.d")
+        self.pidfile = posixpath.join(self.root, "supervisord.pid")
         # From `next`: it exists from the release step on, `current` only after
         # the first switch (any release's supervisorctl talks to supervisord).
         self.ctl = f"{shlex.quote(p.next_bin('supervisorctl'))} -c {shlex.quote(self.conf)}"
@@ -78,12 +80,12 @@ class SupervisorBackend:
 
     def prepare(self) -> None:
         files.directory(name="Create the supervisor directories", path=self.conf_d, present=True)
-        files.put(
+        as_user.put(
             name="Write supervisord.conf",
             src=StringIO(render(
                 "supervisor/supervisord.conf.j2",
                 sock=posixpath.join(self.root, "supervisor.sock"),
-                pidfile=posixpath.join(self.root, "supervisord.pid"),
+                pidfile=self.pidfile,
                 logfile=posixpath.join(self.logs_dir, "supervisord.log"),
                 conf_d=self.conf_d,
                 home=self.home,
@@ -115,7 +117,7 @@ class SupervisorBackend:
         return wanted
 
     def install(self, svc: Service, text: str) -> None:
-        files.put(
+        as_user.put(
             name=f"Write the supervisor program for the {svc.name}",
             src=StringIO(text),
             dest=self.definition_path(svc),

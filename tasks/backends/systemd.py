@@ -9,6 +9,7 @@ from pyinfra import host
 from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import files, server
 
+from tasks.as_user import as_root, other_route_user
 from tasks.common import paths
 from tasks.services import Service, render
 
@@ -17,7 +18,11 @@ UNIT_DIR = "/etc/systemd/system"
 
 class SystemdBackend:
     name = "systemd"
-    sudo = False  # the deploy connects as root (pyinfra --sudo) for system units
+    @property
+    def sudo(self) -> bool:
+        """The deploy connects as root (pyinfra --sudo) for system units; inside the
+        deploys that run as another route_user, they ask for root again."""
+        return bool(other_route_user())
 
     def definition_path(self, svc: Service) -> str:
         return f"{UNIT_DIR}/{svc.label}.service"
@@ -39,6 +44,7 @@ class SystemdBackend:
             src=StringIO(text),
             dest=self.definition_path(svc),
             mode="644",
+            **as_root(self.sudo),
         )
 
     def start_command(self, svc: Service) -> str:
@@ -50,7 +56,7 @@ class SystemdBackend:
 
     def restart(self, svc: Service) -> None:
         server.shell(name=f"(Re)start the {svc.name} under systemd",
-                     commands=[self.start_command(svc)])
+                     commands=[self.start_command(svc)], **as_root(self.sudo))
 
     def is_running(self, svc: Service) -> bool:
         return bool(host.get_fact(SystemdStatus).get(f"{svc.label}.service"))

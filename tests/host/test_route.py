@@ -10,9 +10,50 @@ PROXY_CLIENT_MODEL = "openai/glm52"  # what LiteLLM / Terminal-Bench send (seed,
 
 
 def listening(host, port: int) -> set[str]:
-    """Addresses with a TCP listener on `port` (lsof works on macOS and Linux)."""
-    out = host.run(f"lsof -nP -iTCP:{int(port)} -sTCP:LISTEN -Fn")
-    return {line[1:].rsplit(":", 1)[0] for line in out.stdout.splitlines() if line.startswith("n")}
+    """Addresses with a TCP listener on `port` (lsof works on macOS and Linux).
+
+    lsof shows only the connecting user's sockets unless it runs as root: when
+    the services run as another route_user it finds nothing, and the socket
+    tables every user may read answer instead (`ss` on Linux, `netstat` on macOS)."""
+    port = int(port)
+    out = host.run(f"lsof -nP -iTCP:{port} -sTCP:LISTEN -Fn")
+    found = {line[1:].rsplit(":", 1)[0] for line in out.stdout.splitlines() if line.startswith("n")}
+    if found:
+        return found
+    if host.system_info.type == "linux":
+        out = host.run(f"ss -Hltn 'sport = :{port}'")
+        # State Recv-Q Send-Q Local:Port Peer:Port
+        return {line.split()[3].rsplit(":", 1)[0] for line in out.stdout.splitlines()
+                if len(line.split()) >= 5}
+    out = host.run("netstat -an -p tcp")
+    # tcp4 0 0 127.0.0.1.8025 *.* LISTEN  (the port after the last dot)
+    addresses = set()
+    for line in out.stdout.splitlines():
+        cols = line.split()
+        if len(cols) >= 6 and cols[-1] == "LISTEN" and cols[3].endswith(f".{port}"):
+            address = cols[3][: -len(f".{port}")]
+            addresses.add("127.0.0.1" if address == "localhost" else address)
+    return addresses
+
+
+def supervised_by_ps(host, route, name: str) -> tuple[bool, str]:
+    """The program runs as route_user, a child of the route's supervisord: read
+    from the process table, for a suite connected as another user (supervisord's
+    socket is its owner's only)."""
+    pid = host.file(route["supervisord_pidfile"]).content_string.strip()
+    # uids: ps cuts user names to 8 characters
+    uid = host.run(f"id -u {shlex.quote(route['user'])}").stdout.strip()
+    table = host.run("ps -ww -e -o pid=,ppid=,uid=,args=").stdout.splitlines()
+    rows = [line.split(None, 3) for line in table if len(line.split(None, 3)) == 4]
+    parent = [row for row in rows if row[0] == pid]
+    definition = host.file(route["service_definitions"][name]).content_string
+    (command,) = [line[len("command="):] for line in definition.splitlines()
+                  if line.startswith("command=")]
+    argv = " ".join(shlex.split(command.replace("%%", "%")))
+    children = [row for row in rows if row[1] == pid and row[3].startswith(argv)]
+    ok = bool(uid) and bool(parent) and parent[0][2] == uid and bool(children) and all(
+        row[2] == uid for row in children)
+    return ok, f"supervisord {parent[:1]}, {name}: {children}"
 
 
 def test_server_listens_on_loopback_only(host, route):
@@ -54,6 +95,8 @@ def service_running(host, route, name: str) -> tuple[bool, str]:
     backend = route["backend"]
     if backend == "supervisor":
         out = host.run(f"{route['backend_ctl']} status {name}")
+        if "Permission denied" in out.stdout + out.stderr and route.get("supervisord_pidfile"):
+            return supervised_by_ps(host, route, name)
         return " RUNNING " in f" {out.stdout} ", out.stdout
     if backend == "systemd":
         out = host.run(f"systemctl is-active {shlex.quote(label)}.service")
@@ -100,3 +143,17 @@ def test_proxy_refuses_a_request_without_the_key(http, route):
         return
     status, body = http("GET", route["proxy"]["port"], "/v1/models", key=False)
     assert status == 401, body
+
+
+def test_route_files_belong_to_the_route_user(host, route):
+    """The venv (its releases), the weights, route_home and the manifest are
+    route_user's, also when the deploy connected as another user."""
+    owner = route.get("user")
+    assert owner, "route.json names no user: deploy again"
+    release = host.run(f"readlink -f {shlex.quote(route['venv'])}").stdout.strip()
+    for path in (route["venv"], release, posixpath.join(release, "pyvenv.cfg"),
+                 route["model_dir"], route["route_home"],
+                 posixpath.join(route["route_home"], "route.json")):
+        f = host.file(path)
+        assert f.exists, f"{path} is missing"
+        assert f.user == owner, f"{path} belongs to {f.user}, not to route_user {owner}"

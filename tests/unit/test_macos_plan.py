@@ -410,3 +410,36 @@ def test_foreign_agents_data_retires_are_booted_out_and_disabled_before_the_serv
         assert bootout < disable < switch
     # the user's own agents are booted out without sudo
     assert not {c for c in plan.sudo if re.search(r"launchctl (bootout|disable) gui/", c)}
+
+
+def test_route_user_other_than_the_ssh_user_is_planned_without_setfacl(tmp_path):
+    """route_user "ada" on a Mac reached as "milo": the route's files are written
+    as ada through sudo, never by pyinfra's upload with a sudo user (its
+    `setfacl`, which macOS does not have): uploaded as milo to /tmp, then
+    `install`ed by ada, then removed (tasks/as_user.py)."""
+    plan = run_plan(tmp_path, None, "route_user=ada")
+    assert plan.code == 0, plan.output[-4000:]
+    assert not plan.matching(r"\bsetfacl\b")
+    # no upload is handed to another user by pyinfra (that is the setfacl path)
+    assert not [dest for dest in plan.uploads if dest in plan.sudo_user]
+    installs = plan.matching(r"^install -m \d+ /tmp/mlx-route-")
+    placed = {shlex.split(c)[-1]: shlex.split(c)[-2] for c in installs}
+    for path in (f"{ROUTE}/route.json", f"{ROUTE}/bin/routectl.py", f"{ROUTE}/bin/proxy.pyz",
+                 f"{ROUTE}/state/server.applied", f"{ROUTE}/patches/series"):
+        assert path in placed, f"{path} is not installed as route_user"
+        assert path not in plan.uploads, f"{path} is uploaded in place, not as route_user"
+        staged = placed[path]
+        assert staged in plan.uploads and staged not in plan.sudo_user
+        assert f"chmod 644 {staged}" in plan.commands and f"chmod 644 {staged}" not in plan.sudo
+        assert f"rm -f {staged}" in plan.commands
+    for command in installs:
+        assert plan.sudo_user.get(command) == "ada", command
+    # the venv is made, and the switch runs, as ada; LaunchDaemons stay root's
+    (venv,) = [c for c in plan.matching(r" -m venv ")]
+    assert plan.sudo_user.get(venv) == "ada"
+    # the LaunchDaemons stay root's (sudo without a user)
+    for path in (PROXY_PLIST, BOOT_PLIST, NEWSYSLOG):
+        assert path in plan.uploads and path not in plan.sudo_user
+        assert f"chown root:wheel {path}" in plan.sudo
+    (switch,) = plan.matching(r"routectl\.py switch ")
+    assert switch in plan.sudo and switch not in plan.sudo_user  # launchctl for the system domain
