@@ -16,6 +16,11 @@ UNIT_DIR = "/etc/systemd/system"
 SYSTEMCTL = "/usr/bin/systemctl"
 
 
+def runs_as_root(user: str) -> bool:
+    """The unit has no User= (the template leaves it out for an empty user): root."""
+    return user in ("", "root")
+
+
 class SystemdBackend:
     name = "systemd"
     sudo = False  # the deploy connects as root (pyinfra --sudo) for system units
@@ -33,7 +38,7 @@ class SystemdBackend:
 
     def prepare(self) -> None:
         user = paths().user
-        if user == "root":
+        if runs_as_root(user):
             return
         path = sudoers_path()
         if not host.data.get("watchdog_enabled"):
@@ -53,7 +58,7 @@ class SystemdBackend:
     def watchdog_restart_command(self, svc: Service) -> str:
         """As the route user: through sudo, allowed for this command only (prepare)."""
         command = self.restart_unit(svc)
-        return command if paths().user == "root" else f"/usr/bin/sudo -n {command}"
+        return command if runs_as_root(paths().user) else f"/usr/bin/sudo -n {command}"
 
     def watchdog_pid_command(self, svc: Service) -> str:
         return f"{SYSTEMCTL} show --property MainPID --value {shlex.quote(svc.label + '.service')}"
