@@ -30,9 +30,9 @@ SERVER_PLIST, PROXY_PLIST = f"{DAEMONS}/{SERVER}.plist", f"{DAEMONS}/{PROXY}.pli
 BOOT_PLIST = f"{DAEMONS}/org.mlxroute.host-tuning.plist"
 NEWSYSLOG = "/etc/newsyslog.d/org.mlxroute.conf"
 WIRED_MB = 512 * 1024 - 16 * 1024  # the fake Mac's RAM minus host_memory_headroom_gib
-STAGED = f"{ROUTE}/state/server.definition.next"
+STAGED = f"{ROUTE}/state/server.definition.next"  # the server's plist until the switch installs it
 SUDOERS = "/etc/sudoers.d/org-mlxroute-watchdog"
-KICKSTART = f"/bin/launchctl kickstart -k system/{SERVER}"  # the server's plist until the switch installs it
+KICKSTART = f"/bin/launchctl kickstart -k system/{SERVER}"
 
 
 @pytest.fixture(scope="module")
