@@ -12,6 +12,7 @@ tests/host/test_macos.py.
 from __future__ import annotations
 
 import json
+import os
 import plistlib
 import re
 import shlex
@@ -221,6 +222,27 @@ def test_proxy_watchdog_kickstarts_the_server_through_a_sudoers_rule_for_that_co
     assert rules == [f"milo ALL=(root) NOPASSWD: {KICKSTART}"]
     for command in (f"chown root:wheel {SUDOERS}", f"chmod 440 {SUDOERS}"):
         assert command in fresh.commands and command in fresh.sudo
+
+
+def test_watchdog_sudoers_rule_passes_visudo(fresh, tmp_path):
+    """A broken drop-in in /etc/sudoers.d breaks sudo as a whole: this machine's
+    visudo (the same sudo as macOS ships) checks the file the Mac would get."""
+    import shutil
+    import subprocess
+
+    visudo = shutil.which("visudo") or ("/usr/sbin/visudo" if os.path.exists("/usr/sbin/visudo")
+                                        else None)
+    if visudo is None:
+        pytest.skip("no visudo on this machine")
+    rule = tmp_path / "org-mlxroute-watchdog"
+    rule.write_text(fresh.uploads[SUDOERS])
+    rule.chmod(0o440)
+    check = subprocess.run([visudo, "-c", "-f", str(rule)], capture_output=True, text=True,
+                           timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    rule.write_text(fresh.uploads[SUDOERS].replace("NOPASSWD:", "NOPASSWD"))  # the check bites
+    assert subprocess.run([visudo, "-c", "-f", str(rule)], capture_output=True,
+                          timeout=30).returncode != 0
 
 
 def test_watchdog_off_leaves_no_restart_flag_and_no_sudoers_rule(workdir):
