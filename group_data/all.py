@@ -372,6 +372,35 @@ service_log_max_mb = 50
 service_log_keep = 5
 
 # --------------------------------------------------------------------------
+# watchdog_*: restart a server that is alive but cannot generate (the proxy's
+# watchdog, files/mlx_route_proxy/watchdog.py)
+# --------------------------------------------------------------------------
+
+# mlx_lm.server can stay up while it generates nothing: its generation thread
+# died on an exception (mlx-lm issues 1505, 1672, 1909: /health 503, chats 404
+# "generation thread died") or it is wedged (issue 1493: no token, 0% CPU).
+# The proxy then restarts it through its service manager: `launchctl
+# kickstart -k` (LaunchDaemons: through a sudoers rule for exactly that
+# command, /etc/sudoers.d/), `supervisorctl restart`, `systemctl restart`
+# (through sudo when the route user is not root). It does nothing while the
+# deploy's maintenance note exists (routectl.py switch restarts the server).
+watchdog_enabled = True
+# Seconds the server may give no token while it shows no progress (its CPU
+# time stands still, no byte of a generation in flight comes) before it is
+# restarted. A long prefill is progress (CPU busy): the field report's 200k-token
+# prompt (29 min) is never taken for a stuck server. The restart command runs
+# at most watchdog_stuck_s + 2 x watchdog_interval_s after the last progress.
+watchdog_stuck_s = 180
+# Seconds between two looks at the server (its pid, its CPU time, a probe).
+watchdog_interval_s = 10
+# CPU seconds the server must use between two looks to count as working.
+watchdog_min_cpu_s = 0.5
+# Least time between two restarts, doubled after each restart that brings no
+# token, up to watchdog_backoff_max_s.
+watchdog_backoff_s = 60
+watchdog_backoff_max_s = 1800
+
+# --------------------------------------------------------------------------
 # host_*: host tuning (macOS only; tune_host changes nothing on Linux)
 # --------------------------------------------------------------------------
 

@@ -20,10 +20,23 @@ LIMIT_FLAGS = {
     "proxy_log_level": "--log-level",
 }
 
+# data key -> watchdog flag (files/mlx_route_proxy/watchdog.py), passed when watchdog_enabled.
+WATCHDOG_FLAGS = {
+    "watchdog_stuck_s": "--watchdog-stuck-s",
+    "watchdog_interval_s": "--watchdog-interval-s",
+    "watchdog_min_cpu_s": "--watchdog-min-cpu-s",
+    "watchdog_backoff_s": "--watchdog-backoff-s",
+    "watchdog_backoff_max_s": "--watchdog-backoff-max-s",
+}
+
 
 def proxy_argv(python: str, script: str, key_file: str | None, data,
-               public_name: str | None = None, maintenance_file: str | None = None) -> list[str]:
-    """argv of the proxy service; `data` is a pyinfra host.data (or any .get())."""
+               public_name: str | None = None, maintenance_file: str | None = None,
+               watchdog: tuple[str, str] | None = None) -> list[str]:
+    """argv of the proxy service; `data` is a pyinfra host.data (or any .get()).
+
+    `watchdog`: (restart command, pid command) of the server from its backend;
+    None (or watchdog_enabled False) leaves the watchdog off."""
     name = public_name or data.get("proxy_public_name")
     argv = [python, script,
             "--host", str(data.get("proxy_host")),
@@ -39,4 +52,10 @@ def proxy_argv(python: str, script: str, key_file: str | None, data,
         value = data.get(key)
         if value is not None:
             argv += [flag, str(value)]
+    if watchdog and data.get("watchdog_enabled"):
+        argv += ["--restart-command", watchdog[0], "--server-pid-command", watchdog[1]]
+        for key, flag in WATCHDOG_FLAGS.items():
+            value = data.get(key)
+            if value is not None:
+                argv += [flag, str(value)]
     return argv

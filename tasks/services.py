@@ -81,12 +81,35 @@ def proxy_key_file(p: RoutePaths) -> str | None:
     return posixpath.join(p.route_home, "proxy.key") if host.data.get("proxy_api_key") else None
 
 
-def proxy_argv(p: RoutePaths, prof: dict) -> list[str]:
+def proxy_argv(p: RoutePaths, prof: dict, server: Service | None = None) -> list[str]:
     from tasks.proxy_args import proxy_argv as build
     from tasks.proxy_artifact import ARTIFACT
 
     return build(p.python, p.script(ARTIFACT), proxy_key_file(p), host.data, public_name(prof),
-                 maintenance_file(p))
+                 maintenance_file(p), watchdog_commands(server) if server else None)
+
+
+def watchdog_commands(server: Service) -> tuple[str, str] | None:
+    """(restart, pid) shell commands the proxy's watchdog uses on the server,
+    from the backend that keeps it alive; None when watchdog_enabled is off."""
+    if not host.data.get("watchdog_enabled"):
+        return None
+    from tasks.backends import select_backend
+
+    backend = select_backend()
+    return backend.watchdog_restart_command(server), backend.watchdog_pid_command(server)
+
+
+def sudoers_path() -> str:
+    """The sudoers drop-in that lets the route user restart the server (the
+    watchdog); sudo skips files whose name holds a dot."""
+    return "/etc/sudoers.d/" + host.data.service_label_prefix.replace(".", "-") + "-watchdog"
+
+
+def sudoers_rule(user: str, command: str) -> str:
+    """One NOPASSWD rule for exactly `command` (an absolute path and its arguments)."""
+    return ("# mlx-route: the proxy's watchdog restarts a stuck server (tasks/services.py)\n"
+            f"{user} ALL=(root) NOPASSWD: {command}\n")
 
 
 def maintenance_file(p: RoutePaths) -> str:
@@ -127,22 +150,23 @@ def route_services() -> dict[str, Service]:
         log_max_mb=int(host.data.service_log_max_mb),
         log_keep=int(host.data.service_log_keep),
     )
+    server = Service(
+        name=SERVER,
+        label=f"{label}.{SERVER}",
+        description=f"mlx_lm.server serving {host.data.model_profile}",
+        argv=server_argv(p, prof),
+        stdout=posixpath.join(p.logs_dir, "server.out.log"),
+        stderr=posixpath.join(p.logs_dir, "server.err.log"),
+        interactive=True,
+        **common,
+    )
     return {
-        SERVER: Service(
-            name=SERVER,
-            label=f"{label}.{SERVER}",
-            description=f"mlx_lm.server serving {host.data.model_profile}",
-            argv=server_argv(p, prof),
-            stdout=posixpath.join(p.logs_dir, "server.out.log"),
-            stderr=posixpath.join(p.logs_dir, "server.err.log"),
-            interactive=True,
-            **common,
-        ),
+        SERVER: server,
         PROXY: Service(
             name=PROXY,
             label=f"{label}.{PROXY}",
             description=f"OpenAI-compatible proxy in front of {host.data.model_profile}",
-            argv=proxy_argv(p, prof),
+            argv=proxy_argv(p, prof, server),
             stdout=posixpath.join(p.logs_dir, "proxy.out.log"),
             stderr=posixpath.join(p.logs_dir, "proxy.err.log"),
             after=[f"{label}.{SERVER}"],

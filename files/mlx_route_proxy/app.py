@@ -17,6 +17,7 @@ from .admission import Gate, QueueFull
 from .metrics import GENERATION_PATHS, Metrics
 from .sse import Assembler, BadUpstream, EventSplitter, dumps, event_data, loads, rename_event
 from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
+from .watchdog import Watchdog
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
@@ -73,17 +74,26 @@ class Proxy:
         self.probe_task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.recover_task: asyncio.Task | None = None
+        # loop time of the last byte of a generation in flight (tokens, or the
+        # `: keepalive` lines of a prefill): the watchdog's sign of progress
+        self.last_upstream_activity = -math.inf
+        self.watchdog: Watchdog | None = None
 
     # -- lifecycle ----------------------------------------------------------
 
     async def start(self, app: web.Application) -> None:
         self.loop = asyncio.get_running_loop()
         self.mark_down("not probed yet")
+        if getattr(self.args, "restart_command", None):
+            self.watchdog = Watchdog(self, self.args)
+            self.watchdog.start()
 
     async def stop(self, app: web.Application) -> None:
         for task in (self.probe_task, self.recover_task):
             if task is not None:
                 task.cancel()
+        if self.watchdog is not None:
+            self.watchdog.stop()
         self.pool.close()
 
     # -- readiness ----------------------------------------------------------
@@ -393,6 +403,7 @@ class Proxy:
             finished = False  # [DONE] seen
             tail = b""
             while data := await resp.read_some():
+                self.last_upstream_activity = self.now()
                 if b"data: {" in data:  # tokens are coming: the upstream is healthy
                     self.last_ok = self.now()
                 events = splitter.feed(data)
@@ -461,6 +472,7 @@ class Proxy:
         state = {"done": False, "bad": None}
 
         def parse(piece: bytes) -> None:
+            self.last_upstream_activity = self.now()
             if state["done"] or state["bad"] is not None:
                 return
             try:
@@ -541,9 +553,10 @@ class Proxy:
         return web.json_response(body, status=503, headers=self.retry_headers())
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.metrics.render(self.gate.active, len(self.gate.waiters),
-                                                     self.ready),
-                            content_type="text/plain", charset="utf-8")
+        text = self.metrics.render(self.gate.active, len(self.gate.waiters), self.ready)
+        if self.watchdog is not None:
+            text += "\n".join(self.watchdog.render()) + "\n"
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def handle_unknown(self, request: web.Request) -> web.Response:
         return error(404, f"no route {request.method} {request.path}; this proxy serves POST "

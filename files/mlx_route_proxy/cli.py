@@ -66,6 +66,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="JSON note ({\"message\": ...}) the deploy writes while it restarts the "
                         "server on purpose: 503s then say so, and an answer the restart broke "
                         "off before anything was sent gets 503 + Retry-After instead of 502")
+    w = p.add_argument_group("watchdog", "restart a server that is alive but cannot generate "
+                             "(files/mlx_route_proxy/watchdog.py); off without --restart-command")
+    w.add_argument("--restart-command", default=None,
+                   help="shell command that restarts the server through its service manager "
+                        "(launchctl kickstart -k, supervisorctl restart, systemctl restart)")
+    w.add_argument("--server-pid-command", default=None,
+                   help="shell command that prints the server's pid (nothing or 0: not "
+                        "running); needed with --restart-command")
+    w.add_argument("--watchdog-stuck-s", type=float, default=180,
+                   help="how long the server may give no token while its CPU time stands still "
+                        "and no byte of a generation comes, before it is restarted")
+    w.add_argument("--watchdog-interval-s", type=float, default=10,
+                   help="seconds between two looks at the server")
+    w.add_argument("--watchdog-min-cpu-s", type=float, default=0.5,
+                   help="CPU seconds the server must use between two looks to count as working "
+                        "(a prefill, a model loading)")
+    w.add_argument("--watchdog-backoff-s", type=float, default=60,
+                   help="least time between two restarts; doubled after each restart that "
+                        "brings no token")
+    w.add_argument("--watchdog-backoff-max-s", type=float, default=1800,
+                   help="the backoff's ceiling")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
 
@@ -83,6 +104,15 @@ def validate(args: argparse.Namespace) -> str | None:
             return f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})"
     if args.queue < 0:
         return f"--queue must be 0 or more (got {args.queue})"
+    if args.restart_command:
+        if not args.server_pid_command:
+            return "--restart-command needs --server-pid-command (the watchdog reads its CPU time)"
+        for name in ("watchdog_stuck_s", "watchdog_interval_s", "watchdog_backoff_s",
+                     "watchdog_backoff_max_s"):
+            if getattr(args, name) <= 0:
+                return f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})"
+        if args.watchdog_min_cpu_s < 0:
+            return f"--watchdog-min-cpu-s must be 0 or more (got {args.watchdog_min_cpu_s})"
     if args.api_key_file is None:
         if not is_loopback(args.host):
             return (f"refusing to listen on {args.host} without --api-key-file: anyone on the "

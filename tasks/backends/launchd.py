@@ -24,11 +24,12 @@ from pyinfra.operations import files
 from tasks import as_user, launchd
 from tasks.as_user import as_root, other_route_user
 from tasks.common import RouteError, paths
-from tasks.services import Service, render, route_services
+from tasks.services import SERVER, Service, render, route_services, sudoers_path, sudoers_rule
 
 DOMAINS = ("system", "gui", "user")
 DAEMONS_DIR = "/Library/LaunchDaemons"
 NEWSYSLOG_DIR = "/etc/newsyslog.d"
+LAUNCHCTL = "/bin/launchctl"
 
 
 def launchd_domain_kind() -> str:
@@ -102,6 +103,8 @@ class LaunchdBackend:
                 _sudo=self.sudo,
                 _sudo_user=self.paths.user if self.sudo else None,
             )
+        if self.kind == "system":
+            self.prepare_watchdog()
         # newsyslog runs as root from launchd and reads /etc/newsyslog.d/*.conf
         files.put(
             name="Rotate the service logs with newsyslog",
@@ -111,6 +114,36 @@ class LaunchdBackend:
             group="wheel",
             mode="644",
             **as_root(),
+        )
+
+    def kickstart(self, svc: Service) -> str:
+        return f"{LAUNCHCTL} kickstart -k {self.domain}/{svc.label}"
+
+    def watchdog_restart_command(self, svc: Service) -> str:
+        """kickstart -k: launchd stops the job (SIGTERM, SIGKILL after ExitTimeOut) and
+        starts it again. A LaunchDaemon is root's: the route user gets there through
+        sudo, allowed for exactly this command (prepare_watchdog)."""
+        if self.kind == "system":
+            return f"/usr/bin/sudo -n {self.kickstart(svc)}"
+        return self.kickstart(svc)
+
+    def watchdog_pid_command(self, svc: Service) -> str:
+        """The process listening on the server's port (the route user's own)."""
+        return f"/usr/sbin/lsof -t -nP -iTCP:{int(host.data.server_port)} -sTCP:LISTEN"
+
+    def prepare_watchdog(self) -> None:
+        path = sudoers_path()
+        if not host.data.get("watchdog_enabled"):
+            files.file(name="Remove the watchdog's sudoers rule", path=path, present=False,
+                       _sudo=True)
+            return
+        user = self.paths.user
+        if not user.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise RouteError(f"{host.name}: route user {user!r} cannot go into a sudoers rule")
+        files.put(
+            name="Let the proxy's watchdog kickstart the server (sudoers, that command only)",
+            src=StringIO(sudoers_rule(user, self.kickstart(route_services()[SERVER]))),
+            dest=path, user="root", group="wheel", mode="440", _sudo=True,
         )
 
     def install(self, svc: Service, text: str) -> None:

@@ -63,6 +63,9 @@ class SupervisorBackend:
         # From `next`: it exists from the release step on, `current` only after
         # the first switch (any release's supervisorctl talks to supervisord).
         self.ctl = f"{shlex.quote(p.next_bin('supervisorctl'))} -c {shlex.quote(self.conf)}"
+        # The proxy's watchdog outlives deploys: the release it runs from.
+        self.current_ctl = (f"{shlex.quote(p.venv_bin('supervisorctl'))} "
+                            f"-c {shlex.quote(self.conf)}")
         self.supervisord = f"{shlex.quote(p.next_bin('supervisord'))} -c {shlex.quote(self.conf)}"
         self.release_record = posixpath.join(p.state_dir, "supervisord.release")
         self.next_venv = p.next_venv
@@ -139,6 +142,12 @@ class SupervisorBackend:
     def restart(self, svc: Service) -> None:
         server.shell(name=f"(Re)start the {svc.name} under supervisor",
                      commands=[self.start_command(svc)])
+
+    def watchdog_restart_command(self, svc: Service) -> str:
+        return f"{self.current_ctl} restart {shlex.quote(svc.name)}"
+
+    def watchdog_pid_command(self, svc: Service) -> str:
+        return f"{self.current_ctl} pid {shlex.quote(svc.name)}"
 
     def is_running(self, svc: Service) -> bool:
         return (self._status() or {}).get(svc.name) in ("RUNNING", "STARTING")

@@ -10,14 +10,21 @@ from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import files, server
 
 from tasks.as_user import as_root, other_route_user
-from tasks.common import paths
-from tasks.services import Service, render
+from tasks.common import RouteError, paths
+from tasks.services import SERVER, Service, render, route_services, sudoers_path, sudoers_rule
 
 UNIT_DIR = "/etc/systemd/system"
+SYSTEMCTL = "/usr/bin/systemctl"
+
+
+def runs_as_root(user: str) -> bool:
+    """The unit has no User= (the template leaves it out for an empty user): root."""
+    return user in ("", "root")
 
 
 class SystemdBackend:
     name = "systemd"
+
     @property
     def sudo(self) -> bool:
         """The deploy connects as root (pyinfra --sudo) for system units; inside the
@@ -36,7 +43,32 @@ class SystemdBackend:
         )
 
     def prepare(self) -> None:
-        pass
+        user = paths().user
+        if runs_as_root(user):
+            return
+        path = sudoers_path()
+        if not host.data.get("watchdog_enabled"):
+            files.file(name="Remove the watchdog's sudoers rule", path=path, present=False,
+                       **as_root(self.sudo))
+            return
+        if not user.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise RouteError(f"{host.name}: route user {user!r} cannot go into a sudoers rule")
+        files.put(
+            name="Let the proxy's watchdog restart the server (sudoers, that command only)",
+            src=StringIO(sudoers_rule(user, self.restart_unit(route_services()[SERVER]))),
+            dest=path, user="root", group="root", mode="440", **as_root(self.sudo),
+        )
+
+    def restart_unit(self, svc: Service) -> str:
+        return f"{SYSTEMCTL} restart {svc.label}.service"
+
+    def watchdog_restart_command(self, svc: Service) -> str:
+        """As the route user: through sudo, allowed for this command only (prepare)."""
+        command = self.restart_unit(svc)
+        return command if runs_as_root(paths().user) else f"/usr/bin/sudo -n {command}"
+
+    def watchdog_pid_command(self, svc: Service) -> str:
+        return f"{SYSTEMCTL} show --property MainPID --value {shlex.quote(svc.label + '.service')}"
 
     def install(self, svc: Service, text: str) -> None:
         files.put(

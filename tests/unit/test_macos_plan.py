@@ -12,6 +12,7 @@ tests/host/test_macos.py.
 from __future__ import annotations
 
 import json
+import os
 import plistlib
 import re
 import shlex
@@ -31,6 +32,8 @@ BOOT_PLIST = f"{DAEMONS}/org.mlxroute.host-tuning.plist"
 NEWSYSLOG = "/etc/newsyslog.d/org.mlxroute.conf"
 WIRED_MB = 512 * 1024 - 16 * 1024  # the fake Mac's RAM minus host_memory_headroom_gib
 STAGED = f"{ROUTE}/state/server.definition.next"  # the server's plist until the switch installs it
+SUDOERS = "/etc/sudoers.d/org-mlxroute-watchdog"
+KICKSTART = f"/bin/launchctl kickstart -k system/{SERVER}"
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +198,59 @@ def test_service_plists_carry_the_shared_service_description(fresh):
         assert plist["StandardErrorPath"] == f"{HOME}/models/_logs/{name}.err.log"
     assert server["ProcessType"] == "Interactive"
     assert proxy["ProcessType"] == "Standard"
+
+
+def flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def test_proxy_watchdog_kickstarts_the_server_through_a_sudoers_rule_for_that_command_only(fresh):
+    from tests.fixtures.proxy import load_proxy
+
+    argv = plistlib.loads(fresh.uploads[PROXY_PLIST].encode())["ProgramArguments"]
+    assert flag(argv, "--restart-command") == f"/usr/bin/sudo -n {KICKSTART}"
+    assert flag(argv, "--server-pid-command") == "/usr/sbin/lsof -t -nP -iTCP:8025 -sTCP:LISTEN"
+    assert [flag(argv, f"--watchdog-{n}") for n in ("stuck-s", "interval-s", "min-cpu-s",
+                                                     "backoff-s", "backoff-max-s")] == [
+        "180", "10", "0.5", "60", "1800"]
+    assert flag(argv, "--maintenance-file") == f"{ROUTE}/state/maintenance.json"
+    proxy = load_proxy()
+    args = proxy.parse_args(argv[2:])  # the proxy's own parser takes them
+    assert (args.restart_command, args.watchdog_stuck_s) == (f"/usr/bin/sudo -n {KICKSTART}", 180)
+    # the LaunchDaemon is root's; the proxy runs as milo: sudo for that one command
+    rules = [line for line in fresh.uploads[SUDOERS].splitlines() if not line.startswith("#")]
+    assert rules == [f"milo ALL=(root) NOPASSWD: {KICKSTART}"]
+    for command in (f"chown root:wheel {SUDOERS}", f"chmod 440 {SUDOERS}"):
+        assert command in fresh.commands and command in fresh.sudo
+
+
+def test_watchdog_sudoers_rule_passes_visudo(fresh, tmp_path):
+    """A broken drop-in in /etc/sudoers.d breaks sudo as a whole: this machine's
+    visudo (the same sudo as macOS ships) checks the file the Mac would get."""
+    import shutil
+    import subprocess
+
+    visudo = shutil.which("visudo") or ("/usr/sbin/visudo" if os.path.exists("/usr/sbin/visudo")
+                                        else None)
+    if visudo is None:
+        pytest.skip("no visudo on this machine")
+    rule = tmp_path / "org-mlxroute-watchdog"
+    rule.write_text(fresh.uploads[SUDOERS])
+    rule.chmod(0o440)
+    check = subprocess.run([visudo, "-c", "-f", str(rule)], capture_output=True, text=True,
+                           timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    rule.write_text(fresh.uploads[SUDOERS].replace("NOPASSWD:", "NOPASSWD"))  # the check bites
+    assert subprocess.run([visudo, "-c", "-f", str(rule)], capture_output=True,
+                          timeout=30).returncode != 0
+
+
+def test_watchdog_off_leaves_no_restart_flag_and_no_sudoers_rule(workdir):
+    plan = run_plan(workdir, None, "watchdog_enabled=False")
+    assert plan.code == 0, plan.output[-4000:]
+    argv = plistlib.loads(plan.uploads[PROXY_PLIST].encode())["ProgramArguments"]
+    assert "--restart-command" not in argv and "--watchdog-stuck-s" not in argv
+    assert SUDOERS not in plan.uploads
 
 
 def test_newsyslog_rotates_each_service_log(fresh):
@@ -367,6 +423,11 @@ def test_launchagents_run_without_sudo(workdir):
     assert plan.code == 0, plan.output[-4000:]
     assert plan.matching(r"launchctl (enable|bootstrap) user/501")
     assert not {c for c in plan.sudo if re.search(r"launchctl (enable|bootstrap) user/", c)}
+    # the proxy kickstarts the server in its own domain: no sudo, no sudoers rule
+    argv = plistlib.loads(plan.uploads[f"{HOME}/Library/LaunchAgents/{PROXY}.plist"].encode())[
+        "ProgramArguments"]
+    assert flag(argv, "--restart-command") == f"/bin/launchctl kickstart -k user/501/{SERVER}"
+    assert SUDOERS not in plan.uploads
     assert "run-as" not in switch_of(plan)
 
 

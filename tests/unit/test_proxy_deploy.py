@@ -104,3 +104,54 @@ def test_proxy_ships_as_one_reproducible_zipapp_that_runs(tmp_path):
     out = subprocess.run([sys.executable, str(pyz), "--help"], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path)
     assert out.returncode == 0 and "--first-byte-timeout-s" in out.stdout, out.stderr
+
+
+RENDER_PROXY = """
+import json, os
+from pathlib import Path
+from tasks.services import route_services
+
+Path(os.environ["MLXROUTE_TEST_OUT"]).write_text(json.dumps(route_services()["proxy"].argv))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["supervisor", "systemd"])
+def test_proxy_gets_its_backends_watchdog_commands_from_data(tmp_path, backend):
+    """The proxy's argv as the real pyinfra CLI builds it on @local: the
+    restart and pid commands tests/unit/test_watchdog.py runs under a real
+    supervisord (supervisor), and systemd's."""
+    import getpass
+    import json
+
+    deploy = tmp_path / "render.py"
+    deploy.write_text(RENDER_PROXY)
+    out = tmp_path / "argv.json"
+    venvs = venv_root_on(tmp_path, Path(sys.executable).parent.parent)
+    home = tmp_path / "home"
+    cmd = [str(PYINFRA), "-y", "@local", str(deploy), "--data", f"route_home={home}",
+           "--data", f"venv_path={venvs}", "--data", f"service_backend={backend}",
+           "--data", "watchdog_stuck_s=42"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=100,
+                            env={**os.environ, "MLXROUTE_TEST_OUT": str(out)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    argv = json.loads(out.read_text())
+    args = load_proxy_module().parse_args(argv[2:])
+    if backend == "supervisor":
+        ctl = f"{venvs}/current/bin/supervisorctl -c {home}/supervisor/supervisord.conf"
+        assert (args.restart_command, args.server_pid_command) == (
+            f"{ctl} restart server", f"{ctl} pid server")
+    else:
+        unit = "org.mlxroute.server.service"
+        sudo = "" if getpass.getuser() == "root" else "/usr/bin/sudo -n "  # as User=
+        assert (args.restart_command, args.server_pid_command) == (
+            f"{sudo}/usr/bin/systemctl restart {unit}",
+            f"/usr/bin/systemctl show --property MainPID --value {unit}")
+    assert (args.watchdog_stuck_s, args.watchdog_interval_s) == (42, 10)
+    assert args.maintenance_file == f"{home}/state/maintenance.json"
+
+    result = subprocess.run([*cmd, "--data", "watchdog_enabled=False"], cwd=REPO, text=True,
+                            capture_output=True, timeout=100,
+                            env={**os.environ, "MLXROUTE_TEST_OUT": str(out)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--restart-command" not in json.loads(out.read_text())
