@@ -135,7 +135,7 @@ class LaunchdBackend:
         path = sudoers_path()
         if not host.data.get("watchdog_enabled"):
             files.file(name="Remove the watchdog's sudoers rule", path=path, present=False,
-                       _sudo=True)
+                       **as_root())
             return
         user = self.paths.user
         if not user.replace("_", "").replace("-", "").replace(".", "").isalnum():
@@ -143,7 +143,7 @@ class LaunchdBackend:
         files.put(
             name="Let the proxy's watchdog kickstart the server (sudoers, that command only)",
             src=StringIO(sudoers_rule(user, self.kickstart(route_services()[SERVER]))),
-            dest=path, user="root", group="wheel", mode="440", _sudo=True,
+            dest=path, user="root", group="wheel", mode="440", **as_root(),
         )
 
     def install(self, svc: Service, text: str) -> None:
