@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyinfra import host
+from pyinfra.api import FactBase
 from pyinfra.facts.server import Home, Kernel, User
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,8 +55,19 @@ def _resolve(home: str, path: str) -> str:
     return path if path.startswith("/") else posixpath.join(home, path)
 
 
+class LoginName(FactBase):
+    """`id -un`: the connecting user by its account, also where $USER is unset
+    (pyinfra's User fact reads $USER, empty under some service managers and CI)."""
+
+    def command(self) -> str:
+        return "id -un"
+
+    def process(self, output):
+        return output[0].strip() if output else ""
+
+
 def route_user() -> str:
-    return host.data.get("route_user") or host.get_fact(User)
+    return host.data.get("route_user") or host.get_fact(User) or host.get_fact(LoginName)
 
 
 def paths() -> RoutePaths:
