@@ -11,7 +11,6 @@ bytes move in steps too (on a 5 GB GLM-5.2 shard that is fine-grained).
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import threading
@@ -19,8 +18,7 @@ import time
 
 import pytest
 
-from tests.unit.test_model_task import PYINFRA, REPO, VENV, Deploy, hf_profile
-from tests.fixtures.artifacts import venv_root_on
+from tests.unit.test_model_task import REPO, Deploy, hf_profile
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -35,15 +33,7 @@ LINE = re.compile(r"^\[@local\] download: (\d+)/4 shards, ([\d.]+)/([\d.]+) MiB,
 
 def run_timed(deploy: Deploy, profile: dict, endpoint: str, *data: str):
     """pyinfra as a person runs it; (exit code, [(seconds since start, line)], end)."""
-    argv = [PYINFRA, "-y", "@local", str(deploy.file),
-            "--data", f"route_home={deploy.route_home}",
-            "--data", f"model_root={deploy.model_root}",
-            "--data", f"venv_path={venv_root_on(deploy.tmp, VENV)}",
-            "--data", f"model_hf_endpoint={endpoint}",
-            "--data", "model_profile=test",
-            "--data", "model_profiles=" + json.dumps({"test": profile})]
-    for item in data:
-        argv += ["--data", item]
+    argv = deploy.argv(profile, endpoint, *data)
     started = time.monotonic()
     proc = subprocess.Popen(argv, cwd=REPO, env=deploy.env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

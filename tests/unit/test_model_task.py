@@ -56,8 +56,8 @@ class Deploy:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
         self.env.update(HF_HOME=str(tmp_path / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1")
 
-    def __call__(self, profile: dict, endpoint: str, *data: str, json_out: bool = True,
-                 verbose: str | None = None) -> Run:
+    def argv(self, profile: dict, endpoint: str, *data: str) -> list[str]:
+        """The pyinfra command line of this tiny deploy against the Hub at `endpoint`."""
         argv = [PYINFRA, "-y", "@local", str(self.file),
                 "--data", f"route_home={self.route_home}",
                 "--data", f"model_root={self.model_root}",
@@ -67,6 +67,11 @@ class Deploy:
                 "--data", "model_profiles=" + json.dumps({"test": profile})]
         for item in data:
             argv += ["--data", item]
+        return argv
+
+    def __call__(self, profile: dict, endpoint: str, *data: str, json_out: bool = True,
+                 verbose: str | None = None) -> Run:
+        argv = self.argv(profile, endpoint, *data)
         if json_out:
             argv.insert(2, "--json")
         if verbose:
