@@ -7,7 +7,6 @@ create_venv() does on a first deploy: at plan time no venv exists.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
