@@ -5,7 +5,7 @@
 
 from tasks.as_user import route_user_args
 from tasks.foreign import retire_services
-from tasks.host import tune_host
+from tasks.manifest import write_manifest
 from tasks.model import fetch_model
 from tasks.patches import apply_patches
 from tasks.probes import probe_route
@@ -13,7 +13,8 @@ from tasks.proxy import start_proxy
 from tasks.proxy_key import ensure_proxy_key
 from tasks.release import build_release
 from tasks.server import start_server
-from tasks.verify import verify_route, write_manifest
+from tasks.tuning import tune_host
+from tasks.verify import verify_route
 
 # The route's own files and services belong to route_user: when that is not the
 # SSH user, those steps run as route_user through sudo (tasks/as_user.py).

@@ -16,7 +16,7 @@ A second copy of the model (the smoke generation beside the running server)
 fits only when `free` holds another `model`: that picks the restart strategy
 (tasks/server.py). A profile that does not fit at all is refused with the
 numbers before anything changes. The GPU wired limit of a Mac is the same
-`memory` line (tasks/host.py).
+`memory` line (tasks/tuning.py).
 """
 
 from __future__ import annotations

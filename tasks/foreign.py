@@ -22,7 +22,7 @@ from pyinfra.facts.files import Directory
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import server
 
-from tasks import launchd
+from tasks import launchctl
 from tasks.common import RouteError, is_macos, paths
 
 
@@ -102,7 +102,7 @@ def check_ports() -> list[dict]:
 
 def _launchd_domains() -> list[tuple[str, bool]]:
     """(domain, needs sudo) where a retired label may be loaded."""
-    uid = host.get_fact(launchd.UserId, user=paths().user)
+    uid = host.get_fact(launchctl.UserId, user=paths().user)
     return [("system", True), (f"gui/{uid}", False), (f"user/{uid}", False)]
 
 
@@ -114,7 +114,7 @@ def retire_services():
         if is_macos():
             for domain, sudo in _launchd_domains():
                 target = f"{domain}/{label}"
-                if host.get_fact(launchd.LaunchdPrint, target=target, _sudo=sudo):
+                if host.get_fact(launchctl.LaunchdPrint, target=target, _sudo=sudo):
                     server.shell(
                         name=f"Retire {target} (service_retire): bootout and disable",
                         commands=[f"launchctl bootout {q(target)} || true",

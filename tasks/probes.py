@@ -18,22 +18,8 @@ from pyinfra.api import deploy
 from pyinfra.operations import python
 
 from tasks.common import REPO, RouteError
+from tasks.manifest import manifest_path
 from tasks.reach import Reach, testinfra_target
-
-SIZES = ("needle_tokens", "cache_tokens", "integers", "prose_words", "timeout_s")
-
-
-def bench_sizes(prof: dict) -> dict:
-    """The profile's `bench` sizes with the bench_* data keys on top."""
-    sizes = dict(prof.get("bench") or {})
-    for name in SIZES:
-        value = host.data.get(f"bench_{name}")
-        if value is not None:
-            if not isinstance(value, (int, float)) or value <= 0:
-                raise RouteError(f"{host.name}: bench_{name} must be a positive number, "
-                                 f"got {value!r}")
-            sizes[name] = value
-    return sizes
 
 
 def run_report(target: Reach, manifest_file: str, host_name: str) -> None:
@@ -54,8 +40,6 @@ def run_report(target: Reach, manifest_file: str, host_name: str) -> None:
 def probe_route():
     if not host.data.get("bench_enabled"):
         return
-    from tasks.verify import manifest_path
-
     target = testinfra_target()
     if target is None:
         logger.warning(f"{host.name}: probes not run: testinfra cannot reach this connector")

@@ -11,11 +11,13 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files, server
 
-from tasks.backends import select_backend
 from tasks import as_user
+from tasks.backends import select_backend
 from tasks.common import paths
 from tasks.proxy_artifact import ARTIFACT, build_zipapp
-from tasks.services import PROXY, deploy_service, proxy_key_file, route_services
+from tasks.restarts import deploy_service
+from tasks.service_spec import PROXY
+from tasks.services import proxy_key_file, route_services
 
 
 @deploy("Start the proxy")

@@ -30,8 +30,9 @@ from tasks.backends import select_backend
 from tasks.budget import memory_budget, restart_strategy
 from tasks.common import fingerprint, paths, profile, repo_file
 from tasks.release import release_state, wanted_release
-from tasks.services import (SERVER, maintenance_file, record_started, route_services,
-                            stamp_path)
+from tasks.restarts import record_started, stamp_path
+from tasks.service_spec import SERVER
+from tasks.services import maintenance_file, route_services
 
 def flag_value(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
@@ -87,7 +88,8 @@ def start_server():
     p = paths()
     prof = profile()
     backend = select_backend()
-    svc = route_services()[SERVER]
+    services = route_services()
+    svc = services[SERVER]
     release = wanted_release()
     budget = memory_budget()
     strategy = restart_strategy(budget)
@@ -98,7 +100,7 @@ def start_server():
     files.directory(name="Create the HF cache directory", path=svc.env["HF_HUB_CACHE"],
                     present=True)
     files.directory(name="Create the state directory", path=p.state_dir, present=True)
-    backend.prepare()
+    backend.prepare(services)
 
     text = backend.render(svc)
     desired = fingerprint(backend.name, text, release.id, json.dumps(prof, sort_keys=True))

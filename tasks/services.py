@@ -4,49 +4,21 @@
 working directory, logs, limits, restart policy); the backends in
 tasks/backends/ only render that description into their own format (a
 supervisor program, a systemd unit, a launchd plist). Nothing about a service
-is written twice.
+is written twice. What a `Service` holds: tasks/service_spec.py.
 """
 
 from __future__ import annotations
 
-import json
 import posixpath
-import shlex
-from dataclasses import dataclass, field
-from io import StringIO
 
-import jinja2
 from pyinfra import host
-from pyinfra.facts.files import FileContents
-from pyinfra.operations import files
 
-from tasks import as_user
+from tasks.backends import select_backend
 from tasks.budget import prompt_cache_bytes
-from tasks.common import REPO, RouteError, RoutePaths, fingerprint, paths, profile
-
-SERVER = "server"
-PROXY = "proxy"
-
-
-@dataclass(frozen=True)
-class Service:
-    name: str  # short name: "server", "proxy"
-    label: str  # backend-wide name: org.mlxroute.server
-    description: str
-    argv: list[str]
-    env: dict[str, str]
-    workdir: str
-    stdout: str
-    stderr: str
-    nofile: int
-    restart_delay: int
-    # Each log rotated at this size (MB), this many rotated copies kept: the
-    # total stays under (log_keep + 1) x log_max_mb per log.
-    log_max_mb: int
-    log_keep: int
-    # launchd ProcessType Interactive: the server must not be throttled.
-    interactive: bool = False
-    after: list[str] = field(default_factory=list)  # labels it starts after
+from tasks.common import RouteError, RoutePaths, paths, profile
+from tasks.proxy_args import proxy_argv
+from tasks.proxy_artifact import ARTIFACT
+from tasks.service_spec import PROXY, SERVER, Service
 
 
 def server_argv(p: RoutePaths, prof: dict) -> list[str]:
@@ -81,12 +53,10 @@ def proxy_key_file(p: RoutePaths) -> str | None:
     return posixpath.join(p.route_home, "proxy.key") if host.data.get("proxy_api_key") else None
 
 
-def proxy_argv(p: RoutePaths, prof: dict, server: Service | None = None) -> list[str]:
-    from tasks.proxy_args import proxy_argv as build
-    from tasks.proxy_artifact import ARTIFACT
-
-    return build(p.python, p.script(ARTIFACT), proxy_key_file(p), host.data, public_name(prof),
-                 maintenance_file(p), watchdog_commands(server) if server else None)
+def proxy_service_argv(p: RoutePaths, prof: dict, server: Service | None = None) -> list[str]:
+    """The proxy's argv for this host (tasks/proxy_args.py builds it from data)."""
+    return proxy_argv(p.python, p.script(ARTIFACT), proxy_key_file(p), host.data, public_name(prof),
+                      maintenance_file(p), watchdog_commands(server) if server else None)
 
 
 def watchdog_commands(server: Service) -> tuple[str, str] | None:
@@ -94,22 +64,8 @@ def watchdog_commands(server: Service) -> tuple[str, str] | None:
     from the backend that keeps it alive; None when watchdog_enabled is off."""
     if not host.data.get("watchdog_enabled"):
         return None
-    from tasks.backends import select_backend
-
     backend = select_backend()
     return backend.watchdog_restart_command(server), backend.watchdog_pid_command(server)
-
-
-def sudoers_path() -> str:
-    """The sudoers drop-in that lets the route user restart the server (the
-    watchdog); sudo skips files whose name holds a dot."""
-    return "/etc/sudoers.d/" + host.data.service_label_prefix.replace(".", "-") + "-watchdog"
-
-
-def sudoers_rule(user: str, command: str) -> str:
-    """One NOPASSWD rule for exactly `command` (an absolute path and its arguments)."""
-    return ("# mlx-route: the proxy's watchdog restarts a stuck server (tasks/services.py)\n"
-            f"{user} ALL=(root) NOPASSWD: {command}\n")
 
 
 def maintenance_file(p: RoutePaths) -> str:
@@ -166,69 +122,10 @@ def route_services() -> dict[str, Service]:
             name=PROXY,
             label=f"{label}.{PROXY}",
             description=f"OpenAI-compatible proxy in front of {host.data.model_profile}",
-            argv=proxy_argv(p, prof, server),
+            argv=proxy_service_argv(p, prof, server),
             stdout=posixpath.join(p.logs_dir, "proxy.out.log"),
             stderr=posixpath.join(p.logs_dir, "proxy.err.log"),
             after=[f"{label}.{SERVER}"],
             **common,
         ),
     }
-
-
-def _systemd_quote(arg: str) -> str:
-    if arg and all(c.isalnum() or c in "-_./:=@+," for c in arg):
-        return arg
-    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
-
-
-TEMPLATES = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(REPO / "templates"),
-    undefined=jinja2.StrictUndefined,
-    keep_trailing_newline=True,
-    autoescape=False,
-)
-TEMPLATES.filters["supervisor_quote"] = lambda arg: shlex.quote(arg).replace("%", "%%")
-TEMPLATES.filters["systemd_quote"] = _systemd_quote
-TEMPLATES.filters["tojson"] = json.dumps
-
-
-def render(template: str, **context) -> str:
-    """Render one of templates/ with the route's Jinja environment."""
-    return TEMPLATES.get_template(template).render(**context)
-
-
-def stamp_path(svc: Service) -> str:
-    return posixpath.join(paths().state_dir, f"{svc.name}.applied")
-
-
-def deploy_service(backend, svc: Service, code: list[bytes | str], after_restart=None,
-                   force: bool = False) -> bool:
-    """Put the service's definition in place and (re)start it only when needed.
-
-    A restart is needed when the rendered definition or the service's code
-    (`code`: lock file, patches, scripts) differs from what was last started
-    successfully (a stamp on the host), or when the service is not running.
-    The stamp is written only after the service answered, so a failed run is
-    retried by the next one instead of being forgotten. Returns whether a
-    restart was planned.
-    """
-    text = backend.render(svc)
-    desired = fingerprint(backend.name, text, *code)
-    applied = host.get_fact(FileContents, stamp_path(svc))
-    needed = force or applied != [desired] or not backend.is_running(svc)
-    backend.install(svc, text)
-    if needed:
-        backend.restart(svc)
-        if after_restart:
-            after_restart()
-    record_started(svc, desired)
-    return needed
-
-
-def record_started(svc: Service, desired: str) -> None:
-    """The stamp of what answered; written only after it did (a failed run retries)."""
-    as_user.put(
-        name=f"Record the {svc.name} as started ({desired})",
-        src=StringIO(desired + "\n"),
-        dest=stamp_path(svc),
-    )

@@ -1,75 +1,18 @@
-"""The route's manifest on the host, and the testinfra host suite run against it."""
+"""The testinfra host suite (tests/host), run from the workstation against the
+route's manifest (tasks/manifest.py)."""
 
 from __future__ import annotations
 
-import json
-import posixpath
 import subprocess
 import sys
-from io import StringIO
 
 from pyinfra import host, logger
 from pyinfra.api import deploy
-from pyinfra.operations import files, python
+from pyinfra.operations import python
 
-from tasks import as_user
-from tasks.backends import select_backend
-from tasks.common import REPO, RouteError, paths, profile
-from tasks.host import filevault
-from tasks.probes import bench_sizes
+from tasks.common import REPO, RouteError
+from tasks.manifest import manifest_path
 from tasks.reach import Reach, testinfra_target
-from tasks.services import public_name, proxy_key_file, route_services
-
-MANIFEST = "route.json"
-
-
-def manifest() -> dict:
-    """What the host suite needs to know about the route, as deployed."""
-    p = paths()
-    prof = profile()
-    backend = select_backend()
-    return {
-        "profile": host.data.model_profile,
-        "model_dir": p.model_dir,
-        "shards": prof["shards"],
-        "public_name": public_name(prof),
-        "smoke": prof["smoke"],
-        "gates": prof.get("gates", {}),
-        "bench": bench_sizes(prof),
-        "server": {"host": host.data.server_host, "port": host.data.server_port},
-        "proxy": {
-            "host": host.data.proxy_host,
-            "port": host.data.proxy_port,
-            "key_file": proxy_key_file(p),
-        },
-        "backend": backend.name,
-        "backend_ctl": getattr(backend, "ctl", None),
-        # who owns the route, and what its services run: how the host suite checks
-        # them when it connects as another user (ownership, processes)
-        "user": p.user,
-        "supervisord_pidfile": getattr(backend, "pidfile", None),
-        "service_definitions": {name: backend.definition_path(svc)
-                                for name, svc in route_services().items()},
-        "launchd_domain": getattr(backend, "domain", None),
-        "services": {name: svc.label for name, svc in route_services().items()},
-        "venv": p.venv,
-        "route_home": p.route_home,
-        # macOS: `fdesetup status` at deploy time ({"on", "status"}); None elsewhere
-        "filevault": filevault(),
-    }
-
-
-def manifest_path() -> str:
-    return posixpath.join(paths().route_home, MANIFEST)
-
-
-@deploy("Write the route manifest")
-def write_manifest():
-    as_user.put(
-        name="Write route.json (what the host suite checks)",
-        src=StringIO(json.dumps(manifest(), indent=2, sort_keys=True) + "\n"),
-        dest=manifest_path(),
-    )
 
 
 def run_host_suite(target: Reach, manifest_file: str, report: str) -> None:

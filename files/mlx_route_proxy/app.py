@@ -34,8 +34,10 @@ OPEN_PATHS = ("/health",)  # answered without the key (with less detail)
 DONE_GRACE_S = 0.5  # after [DONE], how long the upstream may take to end its message
 
 
-class UpstreamDown(Exception):
-    """The upstream cannot take requests now (refused, reset, dying, loading)."""
+class UpstreamUnavailable(Exception):
+    """The upstream cannot take requests now (refused, reset, dying, loading): the
+    proxy answers 503. Raised from a failed connection (an OSError such as
+    `upstream.UpstreamError`) or a 5xx answer."""
 
 
 class StreamCut(ConnectionError):
@@ -284,7 +286,7 @@ class Proxy:
             self.metrics.cancel("first_byte")
             self.metrics.upstream_error("first_byte_timeout")
             return await self.fail(request, 504, f"{e} (--first-byte-timeout-s)", "timeout")
-        except UpstreamDown as e:
+        except UpstreamUnavailable as e:
             self.mark_down(str(e))
             return self.unavailable(str(e))
         except BadUpstream as e:
@@ -325,14 +327,14 @@ class Proxy:
                      "invalid_request_error")
 
     async def open_upstream(self, path: str, body: dict, raw: bytes | None = None):
-        """POST to the upstream; UpstreamDown when it cannot take the request."""
+        """POST to the upstream; UpstreamUnavailable when it cannot take the request."""
         try:
             conn = await self.pool.post(path, raw or dumps(body))
         except FirstByteTimeout:
             raise
         except OSError as e:
             self.metrics.upstream_error("connect")
-            raise UpstreamDown(f"cannot reach {self.upstream}: {e or type(e).__name__}") from e
+            raise UpstreamUnavailable(f"cannot reach {self.upstream}: {e or type(e).__name__}") from e
         if conn.status != 200:
             try:
                 raw = await conn.read_all()
@@ -342,13 +344,13 @@ class Proxy:
             self.pool.release(conn)
             if conn.status >= 500 or b"generation thread died" in raw:
                 self.metrics.upstream_error(f"status_{conn.status}")
-                raise UpstreamDown(f"upstream answered {conn.status}: "
+                raise UpstreamUnavailable(f"upstream answered {conn.status}: "
                                    f"{raw[:200].decode('utf-8', 'replace')}")
             return conn, raw
         return conn, None
 
     async def exchange(self, path: str, body: dict, on_body=None):
-        """POST and read the whole answer, waking once; UpstreamDown as open_upstream."""
+        """POST and read the whole answer, waking once; UpstreamUnavailable as open_upstream."""
         conn = None
         try:
             conn = await self.pool.post(path, dumps(body), wait_head=False)
@@ -361,7 +363,7 @@ class Proxy:
                 if conn is not None:
                     conn.abort()
                 self.metrics.upstream_error("connect")
-                raise UpstreamDown(f"cannot reach {self.upstream}: {e or type(e).__name__}") from e
+                raise UpstreamUnavailable(f"cannot reach {self.upstream}: {e or type(e).__name__}") from e
             conn.abort(reset=True)
             raise
         except BaseException:
@@ -371,7 +373,7 @@ class Proxy:
         self.pool.release(conn)
         if conn.status != 200 and (conn.status >= 500 or b"generation thread died" in raw):
             self.metrics.upstream_error(f"status_{conn.status}")
-            raise UpstreamDown(f"upstream answered {conn.status}: "
+            raise UpstreamUnavailable(f"upstream answered {conn.status}: "
                                f"{raw[:200].decode('utf-8', 'replace')}")
         return conn, raw
 

@@ -1,27 +1,62 @@
 """Service managers that keep the route alive, one module each.
 
-Every backend renders the same `tasks.services.Service` description into its
-own format and knows how to (re)start one service and whether it runs:
-
-    definition_path(svc) -> str      where the rendered definition lives
-    render(svc) -> str               the definition's text (a template)
-    prepare()                        operations needed once (e.g. start supervisord)
-    install(svc, text)               put the definition in place (operation)
-    restart(svc)                     load the definition and (re)start (operations)
-    is_running(svc) -> bool          read at plan time
+Every backend renders the same `tasks.service_spec.Service` description into
+its own format and knows how to (re)start one service and whether it runs;
+`Backend` below is that interface, and the only one the other tasks use.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from pyinfra import host
 from pyinfra.facts.files import Directory
 
+from tasks.backends.launchd import LaunchdBackend
+from tasks.backends.supervisor import SupervisorBackend
+from tasks.backends.systemd import SystemdBackend
 from tasks.common import RouteError, is_macos
+from tasks.service_spec import Service
 
 BACKENDS = ("launchd", "systemd", "supervisor")
 
 
-def select_backend():
+class Backend(Protocol):
+    name: str  # "launchd", "systemd", "supervisor"
+    sudo: bool  # its operations need root (through sudo)
+
+    def definition_path(self, svc: Service) -> str:
+        """Where the rendered definition lives on the host."""
+
+    def render(self, svc: Service) -> str:
+        """The definition's text (a template)."""
+
+    def prepare(self, services: dict[str, Service]) -> None:
+        """Operations needed once before any service (e.g. start supervisord)."""
+
+    def install(self, svc: Service, text: str) -> None:
+        """Put the definition in place (an operation)."""
+
+    def restart(self, svc: Service) -> None:
+        """Load the definition and (re)start the service (operations)."""
+
+    def start_command(self, svc: Service) -> str:
+        """A shell command that loads the definition again and starts the service."""
+
+    def stop_command(self, svc: Service) -> str:
+        """A shell command that stops the service (and succeeds when it is stopped)."""
+
+    def is_running(self, svc: Service) -> bool:
+        """Whether the service runs now, read at plan time."""
+
+    def watchdog_restart_command(self, svc: Service) -> str:
+        """What the proxy's watchdog runs, as the route user, to restart the service."""
+
+    def watchdog_pid_command(self, svc: Service) -> str:
+        """What prints the service's pid, as the route user."""
+
+
+def select_backend() -> Backend:
     """The backend named by data, or the one this host's OS runs."""
     choice = host.data.service_backend
     if choice not in ("auto", *BACKENDS):
@@ -37,13 +72,7 @@ def select_backend():
         else:
             choice = "supervisor"
     if choice == "launchd":
-        from tasks.backends.launchd import LaunchdBackend
-
         return LaunchdBackend()
     if choice == "systemd":
-        from tasks.backends.systemd import SystemdBackend
-
         return SystemdBackend()
-    from tasks.backends.supervisor import SupervisorBackend
-
     return SupervisorBackend()

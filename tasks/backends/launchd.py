@@ -21,10 +21,12 @@ from io import StringIO
 from pyinfra import host
 from pyinfra.operations import files
 
-from tasks import as_user, launchd
+from tasks import as_user, launchctl
 from tasks.as_user import as_root, other_route_user
+from tasks.backends.sudoers import watchdog_rule
 from tasks.common import RouteError, paths
-from tasks.services import SERVER, Service, render, route_services, sudoers_path, sudoers_rule
+from tasks.service_spec import SERVER, Service
+from tasks.templates import render
 
 DOMAINS = ("system", "gui", "user")
 DAEMONS_DIR = "/Library/LaunchDaemons"
@@ -53,7 +55,7 @@ class LaunchdBackend:
             self.domain = "system"
             self.plist_dir = DAEMONS_DIR
         else:
-            uid = host.get_fact(launchd.UserId, user=p.user)
+            uid = host.get_fact(launchctl.UserId, user=p.user)
             if uid is None:
                 raise RouteError(f"{host.name}: cannot find the uid of user {p.user!r}")
             self.domain = f"{self.kind}/{uid}"
@@ -77,17 +79,16 @@ class LaunchdBackend:
     def newsyslog_path(self) -> str:
         return posixpath.join(NEWSYSLOG_DIR, f"{host.data.service_label_prefix}.conf")
 
-    def render_newsyslog(self) -> str:
-        services = list(route_services().values())
+    def render_newsyslog(self, services: dict[str, Service]) -> str:
         return render(
             "launchd/newsyslog.conf.j2",
             logs=[(path, svc.log_keep, svc.log_max_mb * 1024)
-                  for svc in services for path in (svc.stdout, svc.stderr)],
-            owner=f"{self.paths.user}:{host.get_fact(launchd.PrimaryGroup, user=self.paths.user)}",
+                  for svc in services.values() for path in (svc.stdout, svc.stderr)],
+            owner=f"{self.paths.user}:{host.get_fact(launchctl.PrimaryGroup, user=self.paths.user)}",
         )
 
-    def prepare(self) -> None:
-        if self.kind != "system" and not host.get_fact(launchd.LaunchdDomainExists,
+    def prepare(self, services: dict[str, Service]) -> None:
+        if self.kind != "system" and not host.get_fact(launchctl.LaunchdDomainExists,
                                                        domain=self.domain):
             hint = ("log in at the Mac's console (or enable automatic login)"
                     if self.kind == "gui" else "open an SSH session as that user")
@@ -104,11 +105,11 @@ class LaunchdBackend:
                 _sudo_user=self.paths.user if self.sudo else None,
             )
         if self.kind == "system":
-            self.prepare_watchdog()
+            self.prepare_watchdog(services[SERVER])
         # newsyslog runs as root from launchd and reads /etc/newsyslog.d/*.conf
         files.put(
             name="Rotate the service logs with newsyslog",
-            src=StringIO(self.render_newsyslog()),
+            src=StringIO(self.render_newsyslog(services)),
             dest=self.newsyslog_path(),
             user="root",
             group="wheel",
@@ -131,20 +132,8 @@ class LaunchdBackend:
         """The process listening on the server's port (the route user's own)."""
         return f"/usr/sbin/lsof -t -nP -iTCP:{int(host.data.server_port)} -sTCP:LISTEN"
 
-    def prepare_watchdog(self) -> None:
-        path = sudoers_path()
-        if not host.data.get("watchdog_enabled"):
-            files.file(name="Remove the watchdog's sudoers rule", path=path, present=False,
-                       **as_root())
-            return
-        user = self.paths.user
-        if not user.replace("_", "").replace("-", "").replace(".", "").isalnum():
-            raise RouteError(f"{host.name}: route user {user!r} cannot go into a sudoers rule")
-        files.put(
-            name="Let the proxy's watchdog kickstart the server (sudoers, that command only)",
-            src=StringIO(sudoers_rule(user, self.kickstart(route_services()[SERVER]))),
-            dest=path, user="root", group="wheel", mode="440", **as_root(),
-        )
+    def prepare_watchdog(self, server: Service) -> None:
+        watchdog_rule(self.paths.user, self.kickstart(server), "kickstart", "wheel", as_root())
 
     def install(self, svc: Service, text: str) -> None:
         if self.kind != "system" and other_route_user():
@@ -171,7 +160,7 @@ class LaunchdBackend:
         self._reload[svc.name] = op.will_change
 
     def restart(self, svc: Service) -> None:
-        launchd.service(
+        launchctl.service(
             name=f"(Re)start the {svc.name} under launchd ({self.domain}/{svc.label})",
             label=svc.label,
             plist=self.definition_path(svc),
@@ -189,7 +178,7 @@ class LaunchdBackend:
         target = f"{self.domain}/{svc.label}"
         retries = int(host.data.service_launchd_bootstrap_retries)
         return (f"plutil -lint -s {q(plist)} && launchctl enable {q(target)} && "
-                + launchd.bootstrap_command(self.domain, svc.label, plist, retries, host.name))
+                + launchctl.bootstrap_command(self.domain, svc.label, plist, retries, host.name))
 
     def stop_command(self, svc: Service) -> str:
         """bootout, then wait (bounded) until launchd has let go of the label."""
@@ -199,5 +188,5 @@ class LaunchdBackend:
                 f"sleep 1; n=$((n+1)); done")
 
     def is_running(self, svc: Service) -> bool:
-        status = host.get_fact(launchd.LaunchdPrint, target=f"{self.domain}/{svc.label}")
+        status = host.get_fact(launchctl.LaunchdPrint, target=f"{self.domain}/{svc.label}")
         return bool(status) and status.get("state") == "running"

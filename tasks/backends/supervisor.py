@@ -16,7 +16,8 @@ from pyinfra.operations import files, server
 
 from tasks import as_user
 from tasks.common import paths
-from tasks.services import Service, render
+from tasks.service_spec import Service
+from tasks.templates import render
 
 
 class SupervisorStatus(FactBase):
@@ -81,7 +82,7 @@ class SupervisorBackend:
     def _status(self) -> dict | None:
         return host.get_fact(SupervisorStatus, ctl=self.ctl)
 
-    def prepare(self) -> None:
+    def prepare(self, services: dict[str, Service]) -> None:
         files.directory(name="Create the supervisor directories", path=self.conf_d, present=True)
         as_user.put(
             name="Write supervisord.conf",

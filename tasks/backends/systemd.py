@@ -10,8 +10,10 @@ from pyinfra.facts.systemd import SystemdStatus
 from pyinfra.operations import files, server
 
 from tasks.as_user import as_root, other_route_user
-from tasks.common import RouteError, paths
-from tasks.services import SERVER, Service, render, route_services, sudoers_path, sudoers_rule
+from tasks.backends.sudoers import watchdog_rule
+from tasks.common import paths
+from tasks.service_spec import SERVER, Service
+from tasks.templates import render
 
 UNIT_DIR = "/etc/systemd/system"
 SYSTEMCTL = "/usr/bin/systemctl"
@@ -42,22 +44,12 @@ class SystemdBackend:
             wanted_by="multi-user.target",
         )
 
-    def prepare(self) -> None:
+    def prepare(self, services: dict[str, Service]) -> None:
         user = paths().user
         if runs_as_root(user):
             return
-        path = sudoers_path()
-        if not host.data.get("watchdog_enabled"):
-            files.file(name="Remove the watchdog's sudoers rule", path=path, present=False,
-                       **as_root(self.sudo))
-            return
-        if not user.replace("_", "").replace("-", "").replace(".", "").isalnum():
-            raise RouteError(f"{host.name}: route user {user!r} cannot go into a sudoers rule")
-        files.put(
-            name="Let the proxy's watchdog restart the server (sudoers, that command only)",
-            src=StringIO(sudoers_rule(user, self.restart_unit(route_services()[SERVER]))),
-            dest=path, user="root", group="root", mode="440", **as_root(self.sudo),
-        )
+        watchdog_rule(user, self.restart_unit(services[SERVER]), "restart", "root",
+                      as_root(self.sudo))
 
     def restart_unit(self, svc: Service) -> str:
         return f"{SYSTEMCTL} restart {svc.label}.service"

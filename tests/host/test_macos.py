@@ -97,7 +97,7 @@ class FileVaultOn(UserWarning):
 
 
 def filevault_on(status: str) -> bool:
-    """As tasks/host.py FileVaultStatus: encryption or decryption in progress,
+    """As tasks/host_facts.py FileVaultStatus: encryption or decryption in progress,
     or enabling at the next restart, counts as On."""
     return bool(re.search(r"FileVault is On|will be enabled|in progress", status))
 

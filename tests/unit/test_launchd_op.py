@@ -1,4 +1,4 @@
-"""tasks/launchd.py and tasks/host.py pieces that run without a Mac.
+"""tasks/launchctl.py, tasks/host_facts.py and tasks/tuning.py pieces that run without a Mac.
 
 The bootstrap retry is a shell loop run on the Mac; here it runs in a real
 /bin/sh against a stand-in `launchctl` (a script on PATH: launchctl cannot
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.host import LaunchdMaxfiles, PmsetSettings
-from tasks.launchd import LaunchdPrint, bootstrap_command
+from tasks.host_facts import LaunchdMaxfiles, PmsetSettings
+from tasks.launchctl import LaunchdPrint, bootstrap_command
 
 REPO = Path(__file__).resolve().parents[2]
 PLIST = "/Library/LaunchDaemons/org.mlxroute.server.plist"
@@ -138,7 +138,7 @@ def test_launchctl_limit_maxfiles_is_read_as_soft_and_hard():
 def test_tune_host_plans_nothing_on_linux(tmp_path):
     """The real pyinfra CLI against this Linux machine: tune_host adds no operation."""
     deploy = tmp_path / "tune.py"
-    deploy.write_text("from tasks.host import tune_host\n\ntune_host()\n")
+    deploy.write_text("from tasks.tuning import tune_host\n\ntune_host()\n")
     pyinfra = str(Path(sys.executable).parent / "pyinfra")
     proc = subprocess.run([pyinfra, "-y", "--json", "@local", str(deploy)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)

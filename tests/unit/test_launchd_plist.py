@@ -9,7 +9,8 @@ from __future__ import annotations
 import plistlib
 
 import tasks.backends.launchd  # noqa: F401  (the backend renders with these templates)
-from tasks.services import Service, render
+from tasks.service_spec import Service
+from tasks.templates import render
 
 ARGV = [
     "/Users/me/venvs/mlx-route/bin/python", "-m", "mlx_lm.server",

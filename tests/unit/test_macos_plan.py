@@ -296,7 +296,7 @@ def test_filevault_on_is_warned_about_and_recorded(workdir, data):
 
 
 def test_filevault_being_enabled_at_the_next_restart_counts_as_on():
-    from tasks.host import FileVaultStatus
+    from tasks.host_facts import FileVaultStatus
 
     assert FileVaultStatus().process(
         ["FileVault is Off, but will be enabled after the next restart."])["on"] is True

@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from tasks.services import Service, render
+from tasks.service_spec import Service
+from tasks.templates import render
 
 ARGV = [
     sys.executable, "-m", "mlx_lm.server",

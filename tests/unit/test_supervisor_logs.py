@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.services import render
+from tasks.templates import render
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,7 +33,8 @@ WRITTEN = 12 * MIB  # per stream: four times what may be kept
 RENDER = """
 import dataclasses, json, os
 from pathlib import Path
-from tasks.services import render, route_services
+from tasks.services import route_services
+from tasks.templates import render
 
 out = json.loads(os.environ["MLXROUTE_TEST_SERVICE"])
 svc = dataclasses.replace(route_services()["server"], **out["replace"])

@@ -43,7 +43,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.services import Service, render
+from tasks.service_spec import Service
+from tasks.templates import render
 from tests.fixtures import mlx_fault
 from tests.fixtures.mlx_server import PROFILE, flags, free_port
 from tests.fixtures.proxy import ProxyProcess, start_proxy

@@ -18,89 +18,27 @@ from __future__ import annotations
 
 import math
 import posixpath
-import re
 import shlex
 from io import StringIO
 
 from pyinfra import host, logger
-from pyinfra.api import FactBase, deploy
+from pyinfra.api import deploy
 from pyinfra.facts.server import MacosVersion
 from pyinfra.operations import files, server
 
 from tasks.budget import memory_budget, wired_mb
 from tasks.common import RouteError, is_macos
-from tasks.services import render
+from tasks.host_facts import LaunchdMaxfiles, PmsetSettings, SysctlValue, filevault
+from tasks.templates import render
 
 DAEMONS_DIR = "/Library/LaunchDaemons"
 WIRED_SYSCTL = "iogpu.wired_limit_mb"  # macOS 14+; 13 had debug.iogpu.wired_limit (bytes)
-
-
-class SysctlValue(FactBase):
-    """`sysctl -n <name>`: the value as a string, None when the name does not exist."""
-
-    def command(self, key: str) -> str:
-        return f"sysctl -n {shlex.quote(key)} 2>/dev/null || true"
-
-    def process(self, output):
-        value = output[0].strip() if output else ""
-        return value or None
-
-
-class PmsetSettings(FactBase):
-    """`pmset -g` "Currently in use" settings: {"sleep": "0", "autorestart": "1", ...}."""
-
-    def command(self) -> str:
-        return "pmset -g"
-
-    def process(self, output):
-        settings = {}
-        for line in output:
-            # " sleep                0 (sleep prevented by sharingd)"
-            match = re.match(r"^\s+(\S.*?)\s+(\S+)(\s+\(.*\))?\s*$", line)
-            if match:
-                settings[match.group(1)] = match.group(2)
-        return settings
-
-
-class LaunchdMaxfiles(FactBase):
-    """`launchctl limit maxfiles` as (soft, hard) strings."""
-
-    def command(self) -> str:
-        return "launchctl limit maxfiles"
-
-    def process(self, output):
-        fields = output[0].split() if output else []
-        return (fields[1], fields[2]) if len(fields) >= 3 else None
-
-
-class FileVaultStatus(FactBase):
-    """`fdesetup status` (any user may ask): {"on": bool, "status": its words},
-    None when it gives no answer. "On" also covers encryption or decryption in
-    progress and "Off, but will be enabled after the next restart": each means
-    the next boot stops at the unlock screen."""
-
-    def command(self) -> str:
-        return "fdesetup status 2>/dev/null || true"
-
-    def process(self, output):
-        text = " ".join(line.strip() for line in output if line.strip())
-        match = re.search(r"FileVault is (On|Off)", text)
-        if not match:
-            return None
-        pending = re.search(r"will be enabled|in progress", text)
-        return {"on": match.group(1) == "On" or bool(pending), "status": text}
-
 
 FILEVAULT_WARNING = (
     "FileVault is On ({status}): an unattended restart needs `sudo fdesetup authrestart` "
     "or FileVault off; LaunchDaemons do not start before the first login, so after a power "
     "cut or an update's restart the route stays down until someone logs in at the Mac"
 )
-
-
-def filevault() -> dict | None:
-    """FileVault's state on a Mac (None on Linux, or when fdesetup says nothing)."""
-    return host.get_fact(FileVaultStatus) if is_macos() else None
 
 
 def warn_filevault() -> None:

@@ -1,0 +1,84 @@
+"""route.json: what the host suite (tests/host) and the probes read about the
+route as deployed, written on the host next to the route."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.api import deploy
+
+from tasks import as_user
+from tasks.backends import select_backend
+from tasks.common import RouteError, paths, profile
+from tasks.host_facts import filevault
+from tasks.services import public_name, proxy_key_file, route_services
+
+SIZES = ("needle_tokens", "cache_tokens", "integers", "prose_words", "timeout_s")
+
+
+def bench_sizes(prof: dict) -> dict:
+    """The profile's `bench` sizes with the bench_* data keys on top."""
+    sizes = dict(prof.get("bench") or {})
+    for name in SIZES:
+        value = host.data.get(f"bench_{name}")
+        if value is not None:
+            if not isinstance(value, (int, float)) or value <= 0:
+                raise RouteError(f"{host.name}: bench_{name} must be a positive number, "
+                                 f"got {value!r}")
+            sizes[name] = value
+    return sizes
+
+
+MANIFEST = "route.json"
+
+
+def manifest() -> dict:
+    """What the host suite needs to know about the route, as deployed."""
+    p = paths()
+    prof = profile()
+    backend = select_backend()
+    return {
+        "profile": host.data.model_profile,
+        "model_dir": p.model_dir,
+        "shards": prof["shards"],
+        "public_name": public_name(prof),
+        "smoke": prof["smoke"],
+        "gates": prof.get("gates", {}),
+        "bench": bench_sizes(prof),
+        "server": {"host": host.data.server_host, "port": host.data.server_port},
+        "proxy": {
+            "host": host.data.proxy_host,
+            "port": host.data.proxy_port,
+            "key_file": proxy_key_file(p),
+        },
+        "backend": backend.name,
+        "backend_ctl": getattr(backend, "ctl", None),
+        # who owns the route, and what its services run: how the host suite checks
+        # them when it connects as another user (ownership, processes)
+        "user": p.user,
+        "supervisord_pidfile": getattr(backend, "pidfile", None),
+        "service_definitions": {name: backend.definition_path(svc)
+                                for name, svc in route_services().items()},
+        "launchd_domain": getattr(backend, "domain", None),
+        "services": {name: svc.label for name, svc in route_services().items()},
+        "venv": p.venv,
+        "route_home": p.route_home,
+        # macOS: `fdesetup status` at deploy time ({"on", "status"}); None elsewhere
+        "filevault": filevault(),
+    }
+
+
+def manifest_path() -> str:
+    return posixpath.join(paths().route_home, MANIFEST)
+
+
+@deploy("Write the route manifest")
+def write_manifest():
+    as_user.put(
+        name="Write route.json (what the host suite checks)",
+        src=StringIO(json.dumps(manifest(), indent=2, sort_keys=True) + "\n"),
+        dest=manifest_path(),
+    )

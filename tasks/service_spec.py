@@ -1,0 +1,34 @@
+"""What a service is, as data: the `Service` the backends render.
+
+Nothing here reads host data; tasks/services.py builds the route's two
+services from it, the backends (tasks/backends/) turn one into a supervisor
+program, a systemd unit or a launchd plist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SERVER = "server"
+PROXY = "proxy"
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str  # short name: "server", "proxy"
+    label: str  # backend-wide name: org.mlxroute.server
+    description: str
+    argv: list[str]
+    env: dict[str, str]
+    workdir: str
+    stdout: str
+    stderr: str
+    nofile: int
+    restart_delay: int
+    # Each log rotated at this size (MB), this many rotated copies kept: the
+    # total stays under (log_keep + 1) x log_max_mb per log.
+    log_max_mb: int
+    log_keep: int
+    # launchd ProcessType Interactive: the server must not be throttled.
+    interactive: bool = False
+    after: list[str] = field(default_factory=list)  # labels it starts after
