@@ -336,7 +336,10 @@ service_backend = "auto"
 service_label_prefix = "org.mlxroute"
 
 # Open-file limit of both services (launchd's default soft limit is 256; the
-# seed's benchmark died of "Too many open files").
+# seed's benchmark died of "Too many open files"). launchd: set by the
+# launcher (files/route_run.py), never by NumberOfFiles keys, which in a
+# LaunchDaemon would also set the system-wide kern.maxfiles; at most
+# host_maxfiles' hard limit.
 service_nofile = 65536
 
 # Seconds a crashed service waits before it is started again.
@@ -364,10 +367,10 @@ service_retire = []
 service_launchd_bootstrap_retries = 5
 
 # Each service log is rotated at this size (MB) and this many rotated copies
-# are kept: by newsyslog on macOS (launchd), by supervisord itself under
-# supervisor. A log then stays under (keep + 1) x size on supervisor; launchd
-# keeps writing into the renamed copy until the service restarts (docs/macos.md).
-# systemd: not rotated by the route yet (issue 16).
+# are kept, so a log with its copies stays under (keep + 1) x size: by
+# supervisord itself under supervisor; under launchd and systemd by the
+# service's launcher, files/route_run.py, which writes the log the service
+# sends through a pipe (the service never opens a log; docs/macos.md, "Logs").
 service_log_max_mb = 50
 service_log_keep = 5
 
@@ -416,6 +419,12 @@ host_tuning_enabled = True
 # not fit under the limit.
 host_wired_limit_mb = None
 
+# Seconds the server's launcher waits, at a start, for iogpu.wired_limit_mb to
+# reach the value above (launchd starts the server and the host-tuning daemon
+# at boot together, with no order). Past it the launcher logs why and exits
+# without starting; launchd starts it again after service_restart_delay_s.
+host_wired_limit_wait_s = 300
+
 # --------------------------------------------------------------------------
 # host_memory_*: the memory budget (tasks/budget.py), printed one line a host
 # --------------------------------------------------------------------------
@@ -442,8 +451,9 @@ host_other_services = []
 host_pmset = {"sleep": 0, "disksleep": 0, "autorestart": 1, "womp": 1}
 
 # launchd's open-files limit [soft, hard] (`launchctl limit maxfiles`), now and
-# at every boot; None leaves it. The services get service_nofile in their
-# plists either way.
+# at every boot by the host-tuning daemon, the only place the deploy sets the
+# host's file limits; None leaves it. The services raise their own soft limit
+# to service_nofile (their launcher) either way.
 host_maxfiles = [65536, 524288]
 
 # --------------------------------------------------------------------------

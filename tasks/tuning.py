@@ -6,8 +6,12 @@
   applied now, and re-applied at every boot by a root LaunchDaemon.
 - pmset: never sleep, restart by itself after a power loss.
 - launchd's open-files limit (default soft limit 256: the seed's Terminal-Bench
-  run died of "Too many open files"), now and at every boot. The services get
-  their own NumberOfFiles limits in their plists.
+  run died of "Too many open files"), now and at every boot: the only system
+  file limits the deploy sets. The services raise their own soft limit in
+  their launcher (files/route_run.py), not with NumberOfFiles keys, which in a
+  LaunchDaemon would also set kern.maxfiles/kern.maxfilesperproc.
+- Boot order: launchd starts every LaunchDaemon at once; the server's launcher
+  waits (bounded) for the wired limit computed here before it starts.
 - FileVault is only reported (`fdesetup status`): when it is On, the run warns
   that an unattended restart stops at the unlock screen.
 
@@ -33,6 +37,7 @@ from tasks.templates import render
 
 DAEMONS_DIR = "/Library/LaunchDaemons"
 WIRED_SYSCTL = "iogpu.wired_limit_mb"  # macOS 14+; 13 had debug.iogpu.wired_limit (bytes)
+TUNED_LINE = 'echo "host tuning applied at $(/bin/date +%s)"'
 
 FILEVAULT_WARNING = (
     "FileVault is On ({status}): an unattended restart needs `sudo fdesetup authrestart` "
@@ -84,6 +89,16 @@ def wired_limit_mb() -> int | None:
     return limit
 
 
+def server_wait_sysctl() -> str | None:
+    """NAME=VALUE the server's launcher waits for before it starts (files/route_run.py):
+    the GPU wired limit this plan computed, which the host-tuning LaunchDaemon sets
+    at boot while launchd starts the server beside it. None: nothing to wait for."""
+    if not is_macos() or not host.data.get("host_tuning_enabled", True):
+        return None
+    limit = wired_limit_mb()
+    return f"{WIRED_SYSCTL}={limit}" if limit else None
+
+
 def maxfiles() -> tuple[int, int] | None:
     wanted = host.data.get("host_maxfiles")
     if not wanted:
@@ -92,6 +107,12 @@ def maxfiles() -> tuple[int, int] | None:
     if soft > hard:
         raise RouteError(
             f"{host.name}: host_maxfiles {wanted}: the soft limit is above the hard one"
+        )
+    nofile = int(host.data.service_nofile)
+    if nofile > hard:
+        raise RouteError(
+            f"{host.name}: service_nofile {nofile} is above host_maxfiles' hard limit {hard}: "
+            "the services could not get it; lower service_nofile or raise host_maxfiles"
         )
     return soft, hard
 
@@ -102,6 +123,9 @@ def boot_commands(limit: int | None, files_limit: tuple[int, int] | None) -> lis
         commands.append(f"/usr/sbin/sysctl -w {WIRED_SYSCTL}={limit}")
     if files_limit:
         commands.append(f"/bin/launchctl limit maxfiles {files_limit[0]} {files_limit[1]}")
+    if commands:
+        # when, for the host suite's boot-order check (the server starts after this)
+        commands.append(TUNED_LINE)
     return commands
 
 

@@ -25,12 +25,14 @@ from tasks import as_user, launchctl
 from tasks.as_user import as_root, other_route_user
 from tasks.backends.sudoers import watchdog_rule
 from tasks.common import RouteError, paths
+from tasks.launcher import launcher_argv, launcher_sha, upload_launcher
 from tasks.service_spec import SERVER, Service
 from tasks.templates import render
+from tasks.tuning import server_wait_sysctl
 
 DOMAINS = ("system", "gui", "user")
 DAEMONS_DIR = "/Library/LaunchDaemons"
-NEWSYSLOG_DIR = "/etc/newsyslog.d"
+NEWSYSLOG_DIR = "/etc/newsyslog.d"  # earlier deploys rotated the logs with newsyslog
 LAUNCHCTL = "/bin/launchctl"
 
 
@@ -69,23 +71,21 @@ class LaunchdBackend:
         return posixpath.join(self.plist_dir, f"{svc.label}.plist")
 
     def render(self, svc: Service) -> str:
+        # The launcher writes the logs (StandardOutPath would be launchd's file, never
+        # reopened) and sets the open-files limit (NumberOfFiles in a LaunchDaemon would
+        # set the system-wide sysctls); the server waits for the plan's GPU wired limit.
+        wait = server_wait_sysctl() if svc.name == SERVER else None
         return render(
             "launchd/service.plist.j2",
             svc=svc,
+            argv=launcher_argv(svc, nofile=True, wait=wait),
+            launcher_sha=launcher_sha(),
             user_name=self.paths.user if self.kind == "system" else None,
             session_type="Background" if self.kind == "user" else None,
         )
 
     def newsyslog_path(self) -> str:
         return posixpath.join(NEWSYSLOG_DIR, f"{host.data.service_label_prefix}.conf")
-
-    def render_newsyslog(self, services: dict[str, Service]) -> str:
-        return render(
-            "launchd/newsyslog.conf.j2",
-            logs=[(path, svc.log_keep, svc.log_max_mb * 1024)
-                  for svc in services.values() for path in (svc.stdout, svc.stderr)],
-            owner=f"{self.paths.user}:{host.get_fact(launchctl.PrimaryGroup, user=self.paths.user)}",
-        )
 
     def prepare(self, services: dict[str, Service]) -> None:
         if self.kind != "system" and not host.get_fact(launchctl.LaunchdDomainExists,
@@ -106,14 +106,13 @@ class LaunchdBackend:
             )
         if self.kind == "system":
             self.prepare_watchdog(services[SERVER])
-        # newsyslog runs as root from launchd and reads /etc/newsyslog.d/*.conf
-        files.put(
-            name="Rotate the service logs with newsyslog",
-            src=StringIO(self.render_newsyslog(services)),
-            dest=self.newsyslog_path(),
-            user="root",
-            group="wheel",
-            mode="644",
+        upload_launcher()
+        # newsyslog renamed the logs under a service that kept writing into the renamed
+        # file; files/route_run.py rotates them now
+        files.file(
+            name="Remove the newsyslog rule of earlier deploys (route_run.py rotates the logs)",
+            path=self.newsyslog_path(),
+            present=False,
             **as_root(),
         )
 

@@ -12,6 +12,7 @@ from pyinfra.operations import files, server
 from tasks.as_user import as_root, other_route_user
 from tasks.backends.sudoers import watchdog_rule
 from tasks.common import paths
+from tasks.launcher import launcher_argv, launcher_sha, upload_launcher
 from tasks.service_spec import SERVER, Service
 from tasks.templates import render
 
@@ -40,11 +41,15 @@ class SystemdBackend:
         return render(
             "systemd/unit.service.j2",
             svc=svc,
+            # the launcher writes and rotates the logs, then becomes the service (MainPID)
+            argv=launcher_argv(svc),
+            launcher_sha=launcher_sha(),
             user=paths().user,
             wanted_by="multi-user.target",
         )
 
     def prepare(self, services: dict[str, Service]) -> None:
+        upload_launcher()
         user = paths().user
         if runs_as_root(user):
             return

@@ -35,11 +35,13 @@ def service(**over) -> Service:
 
 def test_launchdaemon_plist_round_trips_the_description():
     svc = service()
-    plist = plistlib.loads(render("launchd/service.plist.j2", svc=svc, user_name="me",
+    launched = ["/Users/me/bin/route_run.py", "--", *ARGV]
+    plist = plistlib.loads(render("launchd/service.plist.j2", svc=svc, argv=launched,
+                                  launcher_sha="0123abcd", user_name="me",
                                   session_type=None).encode())
     assert plist == {
         "Label": "org.mlxroute.server",
-        "ProgramArguments": ARGV,
+        "ProgramArguments": launched,
         "EnvironmentVariables": svc.env,
         "WorkingDirectory": "/Users/me",
         "UserName": "me",
@@ -49,16 +51,16 @@ def test_launchdaemon_plist_round_trips_the_description():
         "ThrottleInterval": 7,
         "ExitTimeOut": 30,
         "ProcessType": "Interactive",
-        "SoftResourceLimits": {"NumberOfFiles": 65536},
-        "HardResourceLimits": {"NumberOfFiles": 65536},
-        "StandardOutPath": "/Users/me/logs/server.out.log",
-        "StandardErrorPath": "/Users/me/logs/server.err.log",
+        # no ResourceLimits (they would set kern.maxfiles in a LaunchDaemon) and no
+        # StandardOutPath/StandardErrorPath (launchd's file, never reopened): the
+        # launcher sets the limit and writes the logs
     }
 
 
 def test_background_launchagent_plist_has_a_session_type_and_no_user():
     plist = plistlib.loads(render("launchd/service.plist.j2", svc=service(interactive=False),
-                                  user_name=None, session_type="Background").encode())
+                                  argv=ARGV, launcher_sha="0123abcd", user_name=None,
+                                  session_type="Background").encode())
     assert plist["LimitLoadToSessionType"] == "Background"
     assert "UserName" not in plist and "InitGroups" not in plist
     assert plist["ProcessType"] == "Standard"

@@ -34,6 +34,7 @@ WIRED_MB = 512 * 1024 - 16 * 1024  # the fake Mac's RAM minus host_memory_headro
 STAGED = f"{ROUTE}/state/server.definition.next"  # the server's plist until the switch installs it
 SUDOERS = "/etc/sudoers.d/org-mlxroute-watchdog"
 KICKSTART = f"/bin/launchctl kickstart -k system/{SERVER}"
+LAUNCHER = f"{ROUTE}/bin/route_run.py"  # writes the services' logs, then becomes the service
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +74,11 @@ def index(commands: list[str], pattern: str) -> int:
 
 
 def test_fresh_mac_gets_every_file_with_launchd_ownership(fresh):
-    for path in (STAGED, PROXY_PLIST, BOOT_PLIST, NEWSYSLOG, f"{ROUTE}/route.json",
-                 f"{ROUTE}/bin/routectl.py", f"{ROUTE}/bin/proxy.pyz",
+    for path in (STAGED, PROXY_PLIST, BOOT_PLIST, f"{ROUTE}/route.json",
+                 f"{ROUTE}/bin/routectl.py", f"{ROUTE}/bin/proxy.pyz", LAUNCHER,
                  f"{ROUTE}/state/server.applied", f"{ROUTE}/state/proxy.applied"):
         assert path in fresh.uploads, f"{path} is not sent to the Mac"
-    for path in (PROXY_PLIST, BOOT_PLIST, NEWSYSLOG):
+    for path in (PROXY_PLIST, BOOT_PLIST):
         # launchd refuses a LaunchDaemon that root does not own or others can write
         assert f"chown root:wheel {path}" in fresh.commands
         assert f"chmod 644 {path}" in fresh.commands
@@ -135,7 +136,8 @@ def test_fresh_mac_is_tuned_now_and_at_every_boot(fresh):
     assert boot["ProgramArguments"] == [
         "/bin/sh", "-c",
         f"/usr/sbin/sysctl -w iogpu.wired_limit_mb={WIRED_MB}; "
-        "/bin/launchctl limit maxfiles 65536 524288",
+        "/bin/launchctl limit maxfiles 65536 524288; "
+        'echo "host tuning applied at $(/bin/date +%s)"',  # for the host suite's boot order check
     ]
     assert boot["RunAtLoad"] is True and boot["LaunchOnlyOnce"] is True
     # applied now by the commands above: the boot daemon is not bootstrapped
@@ -164,6 +166,8 @@ def test_download_stays_awake_with_host_tuning_off(workdir):
     assert not plan.matching(r"^(pmset -a|sysctl -w)")
     (command,) = plan.matching(r"hf download ")
     assert command.startswith("/usr/bin/caffeinate -i -s ")
+    # no tuning: no limit to wait for at boot
+    assert "wait-sysctl" not in launcher_options(plistlib.loads(plan.uploads[STAGED].encode()))
 
 
 def test_service_plists_carry_the_shared_service_description(fresh):
@@ -174,7 +178,7 @@ def test_service_plists_carry_the_shared_service_description(fresh):
     server = plistlib.loads(fresh.uploads[STAGED].encode())
     proxy = plistlib.loads(fresh.uploads[PROXY_PLIST].encode())
     assert server["Label"] == SERVER and proxy["Label"] == PROXY
-    argv = server["ProgramArguments"]
+    argv = served(server)
     assert argv[:3] == [f"{HOME}/venvs/mlx-route/current/bin/python", "-m", "mlx_lm.server"]
     assert argv[argv.index("--model") + 1] == f"{HOME}/models/glm-5.2-mxfp4"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
@@ -182,7 +186,7 @@ def test_service_plists_carry_the_shared_service_description(fresh):
     # the quotes of the profile's JSON survive XML escaping
     assert json.loads(argv[argv.index("--chat-template-args") + 1]) == {
         "enable_thinking": False, "reasoning_effort": None}
-    assert proxy["ProgramArguments"][1] == f"{ROUTE}/bin/proxy.pyz"
+    assert served(proxy)[1] == f"{ROUTE}/bin/proxy.pyz"
     for plist, name in ((server, "server"), (proxy, "proxy")):
         env = plist["EnvironmentVariables"]
         assert {"/opt/homebrew/bin", "/usr/local/bin"} <= set(env["PATH"].split(":"))
@@ -192,12 +196,56 @@ def test_service_plists_carry_the_shared_service_description(fresh):
         assert "LimitLoadToSessionType" not in plist
         assert plist["RunAtLoad"] is True and plist["KeepAlive"] is True
         assert plist["ThrottleInterval"] == 5
-        assert plist["SoftResourceLimits"] == {"NumberOfFiles": 65536}
-        assert plist["HardResourceLimits"] == {"NumberOfFiles": 65536}
-        assert plist["StandardOutPath"] == f"{HOME}/models/_logs/{name}.out.log"
-        assert plist["StandardErrorPath"] == f"{HOME}/models/_logs/{name}.err.log"
+        # launchd opens no log (its file would never be reopened) and sets no file limit
+        # (NumberOfFiles in a LaunchDaemon also sets kern.maxfiles/maxfilesperproc):
+        # the launcher writes the logs, rotated from data, and raises the soft limit
+        assert not {"StandardOutPath", "StandardErrorPath", "SoftResourceLimits",
+                    "HardResourceLimits"} & set(plist)
+        launch = launcher_options(plist)
+        assert launch["argv"][:2] == [f"{HOME}/venvs/mlx-route/current/bin/python", LAUNCHER]
+        assert launch["stdout"] == f"{HOME}/models/_logs/{name}.out.log"
+        assert launch["stderr"] == f"{HOME}/models/_logs/{name}.err.log"
+        assert (launch["max-bytes"], launch["keep"]) == (str(50 * 1024 * 1024), "5")
+        assert launch["nofile"] == "65536"  # service_nofile, within host_maxfiles' hard limit
     assert server["ProcessType"] == "Interactive"
     assert proxy["ProcessType"] == "Standard"
+
+
+def test_server_starts_only_once_the_planned_wired_limit_is_in_force(fresh):
+    """Boot order (issue 16): launchd starts the server and the host-tuning daemon
+    together; the server's launcher waits, bounded, for the limit this plan computed
+    and applied, so the server never sizes itself against macOS's default."""
+    server = launcher_options(plistlib.loads(fresh.uploads[STAGED].encode()))
+    assert server["wait-sysctl"] == f"iogpu.wired_limit_mb={WIRED_MB}"
+    assert server["wait-s"] == "300"  # host_wired_limit_wait_s
+    boot = plistlib.loads(fresh.uploads[BOOT_PLIST].encode())["ProgramArguments"][-1]
+    assert f"iogpu.wired_limit_mb={WIRED_MB};" in boot  # the value the boot daemon sets
+    # the proxy needs no GPU memory: it does not wait
+    assert "wait-sysctl" not in launcher_options(
+        plistlib.loads(fresh.uploads[PROXY_PLIST].encode()))
+    # and the limit is applied before the switch starts the server on this run
+    c = fresh.commands
+    assert index(c, r"^sysctl -w iogpu\.wired_limit_mb=") < index(c, r"routectl\.py switch ")
+
+
+def test_service_nofile_above_the_host_hard_limit_is_refused(workdir):
+    plan = run_plan(workdir, None, "service_nofile=600000")
+    assert plan.code != 0
+    assert ("service_nofile 600000 is above host_maxfiles' hard limit 524288: the services "
+            "could not get it; lower service_nofile or raise host_maxfiles") in plan.output
+
+
+def served(plist: dict) -> list[str]:
+    """The service's own argv: what files/route_run.py execs, after its `--`."""
+    argv = plist["ProgramArguments"]
+    return argv[argv.index("--") + 1:]
+
+
+def launcher_options(plist: dict) -> dict:
+    argv = plist["ProgramArguments"]
+    head = argv[:argv.index("--")]
+    options = {head[i][2:]: head[i + 1] for i in range(2, len(head) - 1, 2)}
+    return options | {"argv": head}
 
 
 def flag(argv: list[str], name: str) -> str | None:
@@ -207,7 +255,7 @@ def flag(argv: list[str], name: str) -> str | None:
 def test_proxy_watchdog_kickstarts_the_server_through_a_sudoers_rule_for_that_command_only(fresh):
     from tests.fixtures.proxy import load_proxy
 
-    argv = plistlib.loads(fresh.uploads[PROXY_PLIST].encode())["ProgramArguments"]
+    argv = served(plistlib.loads(fresh.uploads[PROXY_PLIST].encode()))
     assert flag(argv, "--restart-command") == f"/usr/bin/sudo -n {KICKSTART}"
     assert flag(argv, "--server-pid-command") == "/usr/sbin/lsof -t -nP -iTCP:8025 -sTCP:LISTEN"
     assert [flag(argv, f"--watchdog-{n}") for n in ("stuck-s", "interval-s", "min-cpu-s",
@@ -248,28 +296,23 @@ def test_watchdog_sudoers_rule_passes_visudo(fresh, tmp_path):
 def test_watchdog_off_leaves_no_restart_flag_and_no_sudoers_rule(workdir):
     plan = run_plan(workdir, None, "watchdog_enabled=False")
     assert plan.code == 0, plan.output[-4000:]
-    argv = plistlib.loads(plan.uploads[PROXY_PLIST].encode())["ProgramArguments"]
+    argv = served(plistlib.loads(plan.uploads[PROXY_PLIST].encode()))
     assert "--restart-command" not in argv and "--watchdog-stuck-s" not in argv
     assert SUDOERS not in plan.uploads
 
 
-def test_newsyslog_rotates_each_service_log(fresh):
-    rules = [line.split("\t") for line in fresh.uploads[NEWSYSLOG].splitlines()
-             if line and not line.startswith("#")]
-    assert sorted(rule[0] for rule in rules) == sorted(
-        f"{HOME}/models/_logs/{n}.{s}.log" for n in ("server", "proxy") for s in ("out", "err"))
-    for rule in rules:
-        # owner:group, mode, copies kept, size in KB (service_log_max_mb), any time, no signal
-        assert rule[1:] == ["milo:staff", "644", "5", str(50 * 1024), "*", "N"]
-
-
-def test_newsyslog_takes_the_rotation_from_data(workdir):
-    plan = run_plan(workdir, None, "service_log_max_mb=10", "service_log_keep=3")
+def test_no_newsyslog_rule_the_launcher_rotates_from_data(workdir, fresh):
+    """newsyslog renamed logs under a service that kept writing into the renamed copy:
+    gone; a Mac that has the rule of an earlier deploy gets it removed."""
+    assert NEWSYSLOG not in fresh.uploads
+    plan = run_plan(workdir, {"files": {NEWSYSLOG: {"content": "old\n", "user": "root",
+                                                    "group": "wheel", "mode": "644"}}},
+                    "service_log_max_mb=10", "service_log_keep=3")
     assert plan.code == 0, plan.output[-4000:]
-    rules = [line.split("\t") for line in plan.uploads[NEWSYSLOG].splitlines()
-             if line and not line.startswith("#")]
-    assert len(rules) == 4
-    assert {tuple(rule[3:5]) for rule in rules} == {("3", str(10 * 1024))}
+    assert f"rm -f {NEWSYSLOG}" in plan.commands and f"rm -f {NEWSYSLOG}" in plan.sudo
+    for path in (STAGED, PROXY_PLIST):
+        launch = launcher_options(plistlib.loads(plan.uploads[path].encode()))
+        assert (launch["max-bytes"], launch["keep"]) == (str(10 * 1024 * 1024), "3")
     refused = run_plan(workdir, None, "service_log_max_mb=0")
     assert refused.code != 0
     assert "service_log_max_mb 0 and service_log_keep 5 must both be at least 1" in refused.output
@@ -486,7 +529,7 @@ def test_route_user_other_than_the_ssh_user_is_planned_without_setfacl(tmp_path)
     installs = plan.matching(r"^install -m \d+ /tmp/mlx-route-")
     placed = {shlex.split(c)[-1]: shlex.split(c)[-2] for c in installs}
     for path in (f"{ROUTE}/route.json", f"{ROUTE}/bin/routectl.py", f"{ROUTE}/bin/proxy.pyz",
-                 f"{ROUTE}/state/server.applied", f"{ROUTE}/patches/series"):
+                 LAUNCHER, f"{ROUTE}/state/server.applied", f"{ROUTE}/patches/series"):
         assert path in placed, f"{path} is not installed as route_user"
         assert path not in plan.uploads, f"{path} is uploaded in place, not as route_user"
         staged = placed[path]
@@ -499,7 +542,7 @@ def test_route_user_other_than_the_ssh_user_is_planned_without_setfacl(tmp_path)
     (venv,) = [c for c in plan.matching(r" -m venv ")]
     assert plan.sudo_user.get(venv) == "ada"
     # the LaunchDaemons stay root's (sudo without a user)
-    for path in (PROXY_PLIST, BOOT_PLIST, NEWSYSLOG):
+    for path in (PROXY_PLIST, BOOT_PLIST):
         assert path in plan.uploads and path not in plan.sudo_user
         assert f"chown root:wheel {path}" in plan.sudo
     (switch,) = plan.matching(r"routectl\.py switch ")

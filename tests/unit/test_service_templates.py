@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from tasks.common import REPO
 from tasks.service_spec import Service
 from tasks.templates import render
 
@@ -32,6 +33,13 @@ def make_service(tmp_path, argv=ARGV) -> Service:
         stderr=f"{tmp_path}/server.err.log", nofile=4096, restart_delay=5,
         log_max_mb=50, log_keep=5,
     )
+
+
+def launched(svc: Service) -> list[str]:
+    """The unit's command: files/route_run.py writing the logs, then the service."""
+    return [sys.executable, str(REPO / "files" / "route_run.py"), "--stdout", svc.stdout,
+            "--stderr", svc.stderr, "--max-bytes", str(svc.log_max_mb * 1048576),
+            "--keep", str(svc.log_keep), "--", *svc.argv]
 
 
 def supervisor_program(tmp_path, svc: Service):
@@ -68,12 +76,18 @@ def test_supervisor_program_gives_back_the_exact_argv_and_environment(tmp_path):
 def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     svc = make_service(tmp_path)
     unit = tmp_path / f"{svc.label}.service"
-    unit.write_text(render("systemd/unit.service.j2", svc=svc, user="root",
-                           wanted_by="multi-user.target"))
+    unit.write_text(render("systemd/unit.service.j2", svc=svc, argv=launched(svc),
+                           launcher_sha="0123abcd", user="root", wanted_by="multi-user.target"))
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     text = unit.read_text()
     assert "LimitNOFILE=4096" in text and "Restart=always" in text
+    # the launcher writes the logs: systemd opens no log file the service would keep
+    (exec_start,) = [line for line in text.splitlines() if line.startswith("ExecStart=")]
+    assert exec_start.startswith(f"ExecStart={sys.executable} {REPO}/files/route_run.py "
+                                 f"--stdout {svc.stdout} --stderr {svc.stderr} "
+                                 "--max-bytes 52428800 --keep 5 -- ")
+    assert "StandardOutput" not in text and "StandardError" not in text
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
@@ -81,7 +95,7 @@ def test_systemd_analyze_verify_catches_a_bad_unit(tmp_path):
     """The check above can fail: a unit whose command is not a path is refused."""
     svc = make_service(tmp_path, argv=["python3-not-a-path", "-m", "x"])
     unit = tmp_path / f"{svc.label}.service"
-    unit.write_text(render("systemd/unit.service.j2", svc=svc, user="root",
-                           wanted_by="multi-user.target"))
+    unit.write_text(render("systemd/unit.service.j2", svc=svc, argv=svc.argv,
+                           launcher_sha="0123abcd", user="root", wanted_by="multi-user.target"))
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert result.returncode != 0 or result.stderr
