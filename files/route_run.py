@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import selectors
 import signal
 import subprocess
@@ -210,9 +211,7 @@ def wait_for_sysctl(spec: str, wait_s: float, command: str) -> bool:
     return True
 
 
-def raise_nofile(wanted: int) -> None:
-    import resource
-
+def raise_nofile(wanted: int, sysctl: str) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if target <= soft:
@@ -220,10 +219,19 @@ def raise_nofile(wanted: int) -> None:
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     except (ValueError, OSError) as exc:
-        say(f"cannot raise the open-files limit from {soft} to {target} (hard {hard}): {exc}")
-        return
+        # macOS refuses a soft limit above kern.maxfilesperproc (EINVAL): take that
+        per_proc = read_sysctl(sysctl, "kern.maxfilesperproc") if sys.platform == "darwin" else None
+        try:
+            if not per_proc or per_proc <= soft:
+                raise exc
+            target = min(target, per_proc)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as again:
+            say(f"cannot raise the open-files limit from {soft} to {target} (hard {hard}): "
+                f"{again}")
+            return
     if target < wanted:
-        say(f"open-files limit {target}, not {wanted}: the hard limit is {hard}")
+        say(f"open-files limit {target}, not {wanted} (hard limit {hard})")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -257,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.wait_sysctl and not wait_for_sysctl(args.wait_sysctl, args.wait_s, args.sysctl):
         return WAIT_EXIT
     if args.nofile:
-        raise_nofile(args.nofile)
+        raise_nofile(args.nofile, args.sysctl)
     try:
         os.execvp(args.command[0], args.command)
     except OSError as exc:

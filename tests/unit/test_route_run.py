@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.services import render
+from tasks.templates import render
 from tests.fixtures.artifacts import venv_root_on
 
 pytestmark = pytest.mark.timeout(180)
@@ -250,3 +250,26 @@ def test_server_waits_for_the_wired_limit_and_says_why(tmp_path):
     assert (tmp_path / "started").read_text() == "yes"
     last = (tmp_path / "err.log").read_text().splitlines()[-1]
     assert "iogpu.wired_limit_mb is 507904 (at least 507904) after" in last and "starting" in last
+
+
+def test_launcher_raises_the_open_files_soft_limit_within_the_hard_one(tmp_path):
+    """What the plists' NumberOfFiles keys did, without their system-wide side effect."""
+    import resource
+
+    def low_soft_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2048))
+
+    def run(nofile: int) -> str:
+        subprocess.run([
+            sys.executable, str(LAUNCHER), "--stdout", str(tmp_path / "out.log"),
+            "--stderr", str(tmp_path / "err.log"), "--max-bytes", str(MIB), "--keep", "1",
+            "--nofile", str(nofile), "--", sys.executable, "-c",
+            "import resource; print(resource.getrlimit(resource.RLIMIT_NOFILE))"],
+            preexec_fn=low_soft_limit, check=True, timeout=30)
+        time.sleep(0.5)  # the writer drains after the service exits
+        return (tmp_path / "out.log").read_text().splitlines()[-1]
+
+    assert run(1024) == "(1024, 2048)"
+    assert run(65536) == "(2048, 2048)"  # at most the hard limit, and it says so
+    assert "open-files limit 2048, not 65536 (hard limit 2048)" in (
+        tmp_path / "err.log").read_text()
