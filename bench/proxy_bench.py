@@ -33,28 +33,13 @@ from pathlib import Path
 import aiohttp
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tasks.proxy_artifact import write_zipapp  # noqa: E402  (REPO on sys.path first)
+from tests.fixtures.ports import free_port, wait_port  # noqa: E402
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 # The leave test needs an answer longer than the test (a real model stops early).
 LONG = [{"role": "user", "content": "Write a very long story about a dragon and a knight."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"bench: {proc.args[:3]} exited {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"bench: nothing listens on {port} after {timeout} s")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -310,11 +295,8 @@ def main() -> int:
         up = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
         procs.append(up)
-        wait_port(up_port, up, 120)
+        wait_port(up_port, up, 120, what="bench upstream")
         if a.proxy is None:
-            sys.path.insert(0, str(REPO))
-            from tasks.proxy_artifact import write_zipapp
-
             a.proxy = str(write_zipapp(REPO / "bench" / f".proxy_{proxy_port}.pyz"))
             built = a.proxy
         proxy = subprocess.Popen(
@@ -322,7 +304,7 @@ def main() -> int:
              f"http://127.0.0.1:{up_port}", "--concurrency", str(a.clients), "--queue",
              str(4 * a.clients), "--log-level", "WARNING"], cwd=REPO)
         procs.append(proxy)
-        wait_port(proxy_port, proxy, 20)
+        wait_port(proxy_port, proxy, 20, what="bench proxy")
         ready_by = time.monotonic() + 180
         while time.monotonic() < ready_by:  # the proxy's /health does a real generation
             try:

@@ -5,7 +5,7 @@ temporary file and renamed into place, so it never travels through pyinfra,
 its log, or the workstation. Clients read it on the host:
 `cat ~/.local/share/mlx-route/proxy.key` (route_home/proxy.key), or through
 `ssh host cat ...`. The proxy reads it when it starts, so a new key needs a
-proxy restart: the returned operation's `will_change` says so.
+proxy restart: tasks/proxy.py restarts it when proxy_rotate_key is set.
 """
 
 from __future__ import annotations
@@ -19,32 +19,34 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files, server
 
 from tasks.as_user import route_user_args
-from tasks.common import paths
+from tasks.common import RoutePaths, paths
 
 KEY_NAME = "proxy.key"
 # 32 random bytes, URL-safe: fits an HTTP header with no escaping.
 GENERATE = "import secrets; print(secrets.token_urlsafe(32))"
 
 
-def key_path() -> str:
-    return posixpath.join(paths().route_home, KEY_NAME)
+def key_path(p: RoutePaths) -> str:
+    """Where the proxy's key lives on the host (whether or not one is required)."""
+    return posixpath.join(p.route_home, KEY_NAME)
 
 
 @deploy("Create the proxy API key")
-def ensure_proxy_key():
-    """None when nothing changes; else the operation (check `.will_change`)."""
+def ensure_proxy_key() -> None:
+    """Make the key when proxy_api_key asks for one and none exists (or
+    proxy_rotate_key), keep an existing one private (0600)."""
     if not host.data.get("proxy_api_key"):
-        return None
+        return
     p = paths()
-    key = posixpath.join(p.route_home, KEY_NAME)
+    key = key_path(p)
     as_user = route_user_args()
     existing = host.get_fact(File, path=key, **as_user)
     rotate = bool(host.data.get("proxy_rotate_key"))
     if existing and not rotate:
         if existing["mode"] != 600:
-            return files.file(name="Keep the proxy API key private (mode 0600)", path=key,
-                              mode="600", **as_user)
-        return None
+            files.file(name="Keep the proxy API key private (mode 0600)", path=key, mode="600",
+                       **as_user)
+        return
     q = shlex.quote
     tmp = key + ".new"
     # umask first: the file is private from its first byte; the rename is atomic,
@@ -52,7 +54,7 @@ def ensure_proxy_key():
     command = (f"umask 077 && mkdir -p {q(p.route_home)} && "
                f"{{ {q(p.next_python)} -c {q(GENERATE)} > {q(tmp)} && mv -f {q(tmp)} {q(key)}; }} "
                f"|| {{ rm -f {q(tmp)}; exit 1; }}")
-    return server.shell(
+    server.shell(
         name="Rotate the proxy API key (on the host, not printed)" if existing
         else "Generate the proxy API key (on the host, not printed)",
         commands=[command], **as_user)

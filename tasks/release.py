@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from pyinfra import host
 from pyinfra.api import FactBase, deploy
-from pyinfra.operations import files, server
+from pyinfra.operations import server
 
 from tasks import as_user
 from tasks.common import REPO, fingerprint, paths, repo_file

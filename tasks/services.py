@@ -18,7 +18,20 @@ from tasks.budget import prompt_cache_bytes
 from tasks.common import RouteError, RoutePaths, paths, profile
 from tasks.proxy_args import proxy_argv
 from tasks.proxy_artifact import ARTIFACT
+from tasks.proxy_key import key_path
 from tasks.service_spec import PROXY, SERVER, Service
+
+
+def server_flags(server_args: dict) -> list[str]:
+    """mlx_lm.server flags from a profile's server_args ({"max-tokens": 256}):
+    True is the bare flag, False and None leave it out."""
+    argv = []
+    for flag, value in server_args.items():
+        if value is True:
+            argv.append(f"--{flag}")
+        elif value is not False and value is not None:
+            argv += [f"--{flag}", str(value)]
+    return argv
 
 
 def server_argv(p: RoutePaths, prof: dict) -> list[str]:
@@ -34,11 +47,7 @@ def server_argv(p: RoutePaths, prof: dict) -> list[str]:
     cache_bytes = prompt_cache_bytes()
     if cache_bytes is not None:
         server_args["prompt-cache-bytes"] = cache_bytes
-    for flag, value in server_args.items():
-        if value is True:
-            argv.append(f"--{flag}")
-        elif value is not False and value is not None:
-            argv += [f"--{flag}", str(value)]
+    argv += server_flags(server_args)
     if host.data.get("server_serve_any_model"):
         argv.append("--serve-any-model")
     argv += [str(arg) for arg in host.data.get("server_extra_args") or []]
@@ -50,7 +59,8 @@ def public_name(prof: dict) -> str:
 
 
 def proxy_key_file(p: RoutePaths) -> str | None:
-    return posixpath.join(p.route_home, "proxy.key") if host.data.get("proxy_api_key") else None
+    """The key file the proxy is started with; None: no key is required."""
+    return key_path(p) if host.data.get("proxy_api_key") else None
 
 
 def proxy_service_argv(p: RoutePaths, prof: dict, server: Service | None = None) -> list[str]:

@@ -6,6 +6,8 @@ import json
 import posixpath
 import shlex
 
+import pytest
+
 PROXY_CLIENT_MODEL = "openai/glm52"  # what LiteLLM / Terminal-Bench send (seed, section 8)
 
 
@@ -138,11 +140,16 @@ def test_chat_through_the_proxy_answers_and_normalizes_the_model(http, route):
 
 def test_proxy_refuses_a_request_without_the_key(http, route):
     if not route["proxy"]["key_file"]:
-        # The promise only exists with a key; without one the proxy is loopback-only.
-        assert route["proxy"]["host"] in ("127.0.0.1", "::1", "localhost")
-        return
+        pytest.skip("proxy_api_key is off: the proxy takes no key (it stays on loopback)")
     status, body = http("GET", route["proxy"]["port"], "/v1/models", key=False)
     assert status == 401, body
+
+
+def test_proxy_without_a_key_stays_on_loopback(route):
+    if route["proxy"]["key_file"]:
+        pytest.skip("proxy_api_key is on: the proxy may listen beyond loopback")
+    assert route["proxy"]["host"] in ("127.0.0.1", "::1", "localhost"), (
+        f"a proxy without a key must not listen on {route['proxy']['host']}: set proxy_api_key")
 
 
 def test_route_files_belong_to_the_route_user(host, route):

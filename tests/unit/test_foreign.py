@@ -7,15 +7,13 @@ this test starts (python's http.server on a free loopback port) and stops.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures.proxy import free_port
+from tests.fixtures.ports import free_port, wait_port
 
 REPO = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
@@ -28,13 +26,7 @@ def foreign_listener():
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind",
                              "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
+    wait_port(port, proc, 20, what="http.server")
     yield port, proc.pid
     proc.terminate()
     proc.wait(timeout=10)

@@ -26,7 +26,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.fixtures.mlx_server import PROFILE, MlxServer, flags, free_port, wait_ready
+from tasks.services import server_flags
+from tests.fixtures.mlx_server import PROFILE, MlxServer, wait_ready
+from tests.fixtures.ports import free_port
 from tests.fixtures.tiny_glm import env_with
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -59,7 +61,7 @@ def served(model_dir: Path, tmp_path: Path, site: Path | None):
     hf_cache.mkdir(exist_ok=True)
     argv = [
         sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
-        "--host", "127.0.0.1", "--port", str(port), *flags(PROFILE["server_args"]),
+        "--host", "127.0.0.1", "--port", str(port), *server_flags(PROFILE["server_args"]),
     ]
     env = env_with(site) | {"HF_HUB_CACHE": str(hf_cache)}
     with open(log_path, "ab") as log:

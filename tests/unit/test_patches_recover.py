@@ -28,8 +28,10 @@ from pathlib import Path
 import openai
 import pytest
 
+from tasks.services import server_flags
 from tests.fixtures import mlx_fault
-from tests.fixtures.mlx_server import PROFILE, MlxServer, flags, free_port, wait_ready
+from tests.fixtures.mlx_server import PROFILE, MlxServer, wait_ready
+from tests.fixtures.ports import free_port
 from tests.fixtures.tiny_glm import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -58,7 +60,7 @@ def faulty_server(model_dir: Path, tmp_path: Path, site: Path | None):
     }
     argv = mlx_fault.argv(
         "server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-        *flags(PROFILE["server_args"]),
+        *server_flags(PROFILE["server_args"]),
     )
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(

@@ -6,7 +6,6 @@ and streaming chats, and patch 0002's --serve-any-model against a real server.
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
+from tests.fixtures.ports import free_port
 from tests.fixtures.tiny_glm import env_with
 
 BATCH_SCRIPT = """
@@ -42,12 +42,6 @@ def test_batched_generation_matches_one_prompt_at_a_time(patched_mlx_site, tiny_
     batched, single = eval(proc.stdout.strip().splitlines()[-1])
     assert [list(b) for b in batched] == single
     assert all(len(s) == 10 for s in single)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -14,7 +14,8 @@ import urllib.request
 
 import pytest
 
-from tests.fixtures.proxy import free_port, start_proxy
+from tests.fixtures.ports import free_port
+from tests.fixtures.proxy import start_proxy
 
 pytestmark = pytest.mark.timeout(60)
 

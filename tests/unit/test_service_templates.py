@@ -15,6 +15,7 @@ import pytest
 
 from tasks.common import REPO
 from tasks.service_spec import Service
+from tasks.services import server_flags
 from tasks.templates import render
 
 ARGV = [
@@ -99,3 +100,10 @@ def test_systemd_analyze_verify_catches_a_bad_unit(tmp_path):
                            launcher_sha="0123abcd", user="root", wanted_by="multi-user.target"))
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert result.returncode != 0 or result.stderr
+
+
+def test_server_flags_render_true_as_the_bare_flag_and_leave_false_out():
+    """One rendering for the deploy and the tests' own servers (tests/fixtures/mlx_server.py)."""
+    assert server_flags({"trust-remote-code": True, "pipeline": False, "draft-model": None,
+                         "max-tokens": 256, "temp": 0.0}) == [
+        "--trust-remote-code", "--max-tokens", "256", "--temp", "0.0"]

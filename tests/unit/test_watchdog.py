@@ -44,9 +44,11 @@ from pathlib import Path
 import pytest
 
 from tasks.service_spec import Service
+from tasks.services import server_flags
 from tasks.templates import render
 from tests.fixtures import mlx_fault
-from tests.fixtures.mlx_server import PROFILE, flags, free_port
+from tests.fixtures.mlx_server import PROFILE
+from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import ProxyProcess, start_proxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -73,14 +75,14 @@ class Route:
         logs = tmp_path / "logs"
         logs.mkdir()
         (tmp_path / "hf-cache").mkdir()
-        server_flags = ["server", "--model", str(model_dir), "--host", "127.0.0.1",
-                        "--port", str(self.port), *flags(PROFILE["server_args"])]
+        server_argv = ["server", "--model", str(model_dir), "--host", "127.0.0.1",
+                       "--port", str(self.port), *server_flags(PROFILE["server_args"])]
         env = {"HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_OFFLINE": "1",
                "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         if fault_file is None:
-            argv = [sys.executable, "-m", "mlx_lm", *server_flags]
+            argv = [sys.executable, "-m", "mlx_lm", *server_argv]
         else:  # the stock mlx_lm of this venv, through the fault wrapper
-            argv = mlx_fault.argv(*server_flags)
+            argv = mlx_fault.argv(*server_argv)
             env |= {"PYTHONPATH": str(REPO), mlx_fault.ENV: str(fault_file)}
         svc = Service(name="server", label="org.mlxroute.server", description="test server",
                       argv=argv, env=env, workdir=str(REPO), stdout=str(logs / "server.out.log"),
