@@ -14,8 +14,9 @@ would take LOG past N bytes, renames LOG to LOG.1 (LOG.1 to LOG.2, ... the
 oldest beyond K dropped) and starts a new LOG. A write is cut at its last
 newline that fits, so no file grows past N bytes and the files of one stream
 stay within (K + 1) x N. The writer exits when the service has closed its
-pipes (it exited) or is gone; it ignores SIGTERM/SIGINT/SIGHUP so that a
-signal to the whole process group does not lose the last lines.
+pipes (it exited) or is gone; it has its own process group and ignores
+SIGTERM/SIGINT/SIGHUP, so that a signal to the service's whole process group
+does not lose the last lines.
 
 Why not newsyslog (launchd) or `StandardOutput=append:` (systemd): the
 manager opens the file once and the service writes into that open file until
@@ -164,6 +165,10 @@ def start_writer(stdout: str, stderr: str, max_bytes: int, keep: int) -> None:
     pid = os.fork()
     if pid == 0:
         try:
+            # out of the service's process group, and deaf to the signals a manager sends
+            # it (launchd signals the job's group when the job exits): the writer goes
+            # when the pipes close, after the service's last lines (a traceback)
+            os.setpgid(0, 0)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)
             os.close(out_w)

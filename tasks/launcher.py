@@ -18,7 +18,7 @@ import hashlib
 from pyinfra import host
 
 from tasks import as_user
-from tasks.common import REPO, paths
+from tasks.common import REPO, RouteError, paths
 from tasks.service_spec import Service
 
 LAUNCHER = "route_run.py"
@@ -39,7 +39,13 @@ def launcher_argv(svc: Service, nofile: bool = False, wait: str | None = None) -
     if nofile:
         argv += ["--nofile", str(svc.nofile)]
     if wait:
-        argv += ["--wait-sysctl", wait, "--wait-s", str(int(host.data.host_wired_limit_wait_s))]
+        wait_s = int(host.data.host_wired_limit_wait_s)
+        if wait_s < 1:
+            raise RouteError(
+                f"{host.name}: host_wired_limit_wait_s {wait_s} must be at least 1 (seconds the "
+                "server waits at boot for the GPU wired limit)"
+            )
+        argv += ["--wait-sysctl", wait, "--wait-s", str(wait_s)]
     return argv + ["--", *svc.argv]
 
 

@@ -57,8 +57,12 @@ Path(out["path"]).write_text(SystemdBackend().render(svc))
 """
 
 WRITER = f"""
-import os, sys, time
+import os, signal, sys, time
 from pathlib import Path
+def stopped(*_):
+    os.write(2, b"TERM\\n")  # its last words, after the manager's SIGTERM
+    os._exit(0)
+signal.signal(signal.SIGTERM, stopped)
 chunk = {LINE!r} * 65  # 65000 bytes a write: rotations never fall on a write's end
 for i in range({WRITTEN} // len(chunk)):
     os.write(1, chunk)
@@ -110,7 +114,8 @@ def run_supervisord(tmp_path: Path, command: list[str]) -> subprocess.Popen:
     (conf_d / "server.conf").write_text(
         "[program:server]\n"
         f"command={' '.join(shlex.quote(a) for a in command)}\n"
-        "autorestart=true\nstartsecs=1\nstopwaitsecs=30\n"
+        # SIGTERM to the whole group, as launchd does when a job exits
+        "autorestart=true\nstartsecs=1\nstopwaitsecs=30\nstopasgroup=true\n"
         "stdout_logfile=NONE\nstderr_logfile=NONE\n")
     conf = tmp_path / "supervisord.conf"
     conf.write_text(render(
@@ -196,6 +201,11 @@ def test_launcher_under_a_real_service_manager_keeps_each_log_under_keep_plus_on
         assert again != service and len([c for c in children(again) if alive(c)]) == 1
     finally:
         stop(supervisord)
+    # the service's last line, written after the group's SIGTERM, is in its log
+    end = time.monotonic() + 20
+    while not logs[1].read_bytes().endswith(b"DONE\nTERM\n"):
+        assert time.monotonic() < end, logs[1].read_bytes()[-200:]
+        time.sleep(0.2)
 
     for log in logs:
         copies = sorted(log.parent.glob(log.name + "*"))
@@ -207,7 +217,8 @@ def test_launcher_under_a_real_service_manager_keeps_each_log_under_keep_plus_on
         assert sum(sizes.values()) <= (KEEP + 1) * MAX_MB * MIB < WRITTEN
         # cut at line ends only: every kept line is whole
         for copy in copies:
-            assert set(copy.read_bytes().splitlines(keepends=True)) <= {LINE, b"DONE\n"}
+            assert set(copy.read_bytes().splitlines(keepends=True)) <= {LINE, b"DONE\n",
+                                                                       b"TERM\n"}
     assert logs[0].read_bytes().endswith(b"x\nDONE\n")
 
 
