@@ -121,11 +121,10 @@ def boot_commands(limit: int | None, files_limit: tuple[int, int] | None) -> lis
     commands = []
     if limit:
         commands.append(f"/usr/sbin/sysctl -w {WIRED_SYSCTL}={limit}")
-    if files_limit:
-        commands.append(f"/bin/launchctl limit maxfiles {files_limit[0]} {files_limit[1]}")
-    if commands:
         # when, for the host suite's boot-order check (the server starts after this)
         commands.append(TUNED_LINE)
+    if files_limit:
+        commands.append(f"/bin/launchctl limit maxfiles {files_limit[0]} {files_limit[1]}")
     return commands
 
 

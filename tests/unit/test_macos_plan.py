@@ -136,8 +136,8 @@ def test_fresh_mac_is_tuned_now_and_at_every_boot(fresh):
     assert boot["ProgramArguments"] == [
         "/bin/sh", "-c",
         f"/usr/sbin/sysctl -w iogpu.wired_limit_mb={WIRED_MB}; "
-        "/bin/launchctl limit maxfiles 65536 524288; "
-        'echo "host tuning applied at $(/bin/date +%s)"',  # for the host suite's boot order check
+        'echo "host tuning applied at $(/bin/date +%s)"; '  # the host suite's boot order check
+        "/bin/launchctl limit maxfiles 65536 524288",
     ]
     assert boot["RunAtLoad"] is True and boot["LaunchOnlyOnce"] is True
     # applied now by the commands above: the boot daemon is not bootstrapped
