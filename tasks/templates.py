@@ -1,6 +1,6 @@
 """The route's Jinja environment: templates/ with the quoting each format needs.
 
-Every rendered file (service definitions, supervisord.conf, newsyslog, the
+Every rendered file (service definitions, supervisord.conf, the
 boot-time tuning daemon) goes through `render`, so quoting rules live here once.
 """
 

@@ -178,6 +178,13 @@ def test_launcher_under_a_real_service_manager_keeps_each_log_under_keep_plus_on
         tmp_path):
     command, unit = render_unit(tmp_path)
     assert f"--max-bytes {MAX_MB * MIB} --keep {KEEP} --" in " ".join(command)
+    assert "StandardOutput" not in unit and "StandardError" not in unit
+    if shutil.which("systemd-analyze"):  # the unit as the deploy renders it, launcher in place
+        unit_file = tmp_path / "org.mlxroute.server.service"
+        unit_file.write_text(unit)
+        check = subprocess.run(["systemd-analyze", "verify", str(unit_file)],
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0 and check.stderr == "", check.stderr
     logs = [tmp_path / "logs" / name for name in ("server.out.log", "server.err.log")]
     supervisord = run_supervisord(tmp_path, command)
     try:
