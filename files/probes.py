@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import secrets
 import shlex
 import socket
@@ -107,21 +106,11 @@ def _run(cmd: str) -> str:
 
 
 def server_pid(manifest: dict) -> tuple[int | None, str]:
-    """The mlx_lm.server pid as its service manager knows it, else by its port."""
-    backend = manifest.get("backend")
-    label = manifest.get("services", {}).get("server", "")
-    ctl = manifest.get("backend_ctl")
-    found = ""
-    how = backend or "unknown"
-    if backend == "supervisor" and ctl:
-        found = _run(f"{ctl} pid server").strip()
-    elif backend == "systemd":
-        found = _run(f"{ctl or 'systemctl'} show -p MainPID --value {shlex.quote(label)}.service")
-        found = found.strip()
-    elif backend == "launchd":
-        text = _run(f"launchctl print {manifest.get('launchd_domain')}/{label}")
-        m = re.search(r"^\s*pid = (\d+)", text, re.M)
-        found = m.group(1) if m else ""
+    """The mlx_lm.server pid as its service manager knows it (the backend's
+    command in route.json, tasks/backends), else by its port."""
+    command = manifest.get("server_pid_command")
+    how = manifest.get("backend") or "unknown"
+    found = _run(command).strip() if command else ""
     if not found.isdigit() or found == "0":
         how = "lsof on the server port"
         found = _run(f"lsof -nP -t -iTCP:{int(manifest['server']['port'])} -sTCP:LISTEN")

@@ -14,6 +14,7 @@ from tasks import as_user
 from tasks.backends import select_backend
 from tasks.common import RouteError, paths, profile
 from tasks.host_facts import filevault
+from tasks.service_spec import SERVER
 from tasks.services import public_name, proxy_key_file, route_services
 
 SIZES = ("needle_tokens", "cache_tokens", "integers", "prose_words", "timeout_s")
@@ -40,6 +41,7 @@ def manifest() -> dict:
     p = paths()
     prof = profile()
     backend = select_backend()
+    services = route_services()
     return {
         "profile": host.data.model_profile,
         "model_dir": p.model_dir,
@@ -55,15 +57,18 @@ def manifest() -> dict:
             "key_file": proxy_key_file(p),
         },
         "backend": backend.name,
-        "backend_ctl": getattr(backend, "ctl", None),
+        **backend.manifest_extras(),
         # who owns the route, and what its services run: how the host suite checks
         # them when it connects as another user (ownership, processes)
         "user": p.user,
-        "supervisord_pidfile": getattr(backend, "pidfile", None),
         "service_definitions": {name: backend.definition_path(svc)
-                                for name, svc in route_services().items()},
-        "launchd_domain": getattr(backend, "domain", None),
-        "services": {name: svc.label for name, svc in route_services().items()},
+                                for name, svc in services.items()},
+        # [command, regex]: the service runs when the command's output matches
+        "service_running": {name: list(backend.running_check(svc))
+                            for name, svc in services.items()},
+        # prints the server's pid (the probes' memory readings)
+        "server_pid_command": backend.watchdog_pid_command(services[SERVER]),
+        "services": {name: svc.label for name, svc in services.items()},
         "venv": p.venv,
         "route_home": p.route_home,
         # macOS: `fdesetup status` at deploy time ({"on", "status"}); None elsewhere

@@ -55,6 +55,14 @@ class Backend(Protocol):
     def watchdog_pid_command(self, svc: Service) -> str:
         """What prints the service's pid, as the route user."""
 
+    def running_check(self, svc: Service) -> tuple[str, str]:
+        """(shell command, regular expression): the service runs when the command's
+        output matches. The host suite and the probes run it on the host."""
+
+    def manifest_extras(self) -> dict:
+        """This backend's own keys of route.json (None where they do not apply):
+        backend_ctl, supervisord_pidfile, launchd_domain."""
+
 
 def select_backend() -> Backend:
     """The backend named by data, or the one this host's OS runs."""

@@ -186,6 +186,12 @@ class LaunchdBackend:
                 f"while launchctl print {target} >/dev/null 2>&1 && [ $n -lt 30 ]; do "
                 f"sleep 1; n=$((n+1)); done")
 
+    def running_check(self, svc: Service) -> tuple[str, str]:
+        return f"launchctl print {shlex.quote(self.domain + '/' + svc.label)}", r"state = running"
+
+    def manifest_extras(self) -> dict:
+        return {"backend_ctl": None, "supervisord_pidfile": None, "launchd_domain": self.domain}
+
     def is_running(self, svc: Service) -> bool:
         status = host.get_fact(launchctl.LaunchdPrint, target=f"{self.domain}/{svc.label}")
         return bool(status) and status.get("state") == "running"

@@ -150,5 +150,12 @@ class SupervisorBackend:
     def watchdog_pid_command(self, svc: Service) -> str:
         return f"{self.current_ctl} pid {shlex.quote(svc.name)}"
 
+    def running_check(self, svc: Service) -> tuple[str, str]:
+        return f"{self.ctl} status {shlex.quote(svc.name)} 2>&1", r"\sRUNNING\s"
+
+    def manifest_extras(self) -> dict:
+        return {"backend_ctl": self.ctl, "supervisord_pidfile": self.pidfile,
+                "launchd_domain": None}
+
     def is_running(self, svc: Service) -> bool:
         return (self._status() or {}).get(svc.name) in ("RUNNING", "STARTING")

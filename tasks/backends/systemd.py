@@ -87,5 +87,11 @@ class SystemdBackend:
         server.shell(name=f"(Re)start the {svc.name} under systemd",
                      commands=[self.start_command(svc)], **as_root(self.sudo))
 
+    def running_check(self, svc: Service) -> tuple[str, str]:
+        return f"systemctl is-active {shlex.quote(svc.label + '.service')}", r"^active$"
+
+    def manifest_extras(self) -> dict:
+        return {"backend_ctl": None, "supervisord_pidfile": None, "launchd_domain": None}
+
     def is_running(self, svc: Service) -> bool:
         return bool(host.get_fact(SystemdStatus).get(f"{svc.label}.service"))

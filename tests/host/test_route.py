@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import shlex
 
 import pytest
@@ -93,18 +94,12 @@ def test_every_shard_of_the_index_is_present(host, route):
 
 
 def service_running(host, route, name: str) -> tuple[bool, str]:
-    label = route["services"][name]
-    backend = route["backend"]
-    if backend == "supervisor":
-        out = host.run(f"{route['backend_ctl']} status {name}")
-        if "Permission denied" in out.stdout + out.stderr and route.get("supervisord_pidfile"):
-            return supervised_by_ps(host, route, name)
-        return " RUNNING " in f" {out.stdout} ", out.stdout
-    if backend == "systemd":
-        out = host.run(f"systemctl is-active {shlex.quote(label)}.service")
-        return out.stdout.strip() == "active", out.stdout
-    out = host.run(f"launchctl print {route['launchd_domain']}/{label}")
-    return "state = running" in out.stdout, out.stdout[:500]
+    """The backend's own check, from route.json (tasks/backends: running_check)."""
+    command, running = route["service_running"][name]
+    out = host.run(command)
+    if "Permission denied" in out.stdout + out.stderr and route.get("supervisord_pidfile"):
+        return supervised_by_ps(host, route, name)
+    return bool(re.search(running, out.stdout, re.M)), out.stdout[:500]
 
 
 def test_server_runs_under_its_service_manager(host, route):

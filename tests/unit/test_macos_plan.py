@@ -174,6 +174,11 @@ def test_service_plists_carry_the_shared_service_description(fresh):
     manifest = json.loads(fresh.uploads[f"{ROUTE}/route.json"])
     assert manifest["backend"] == "launchd" and manifest["launchd_domain"] == "system"
     assert manifest["services"] == {"server": SERVER, "proxy": PROXY}
+    # the host suite's and the probes' checks come from the backend (tasks/backends)
+    assert manifest["service_running"] == {
+        "server": [f"launchctl print system/{SERVER}", "state = running"],
+        "proxy": [f"launchctl print system/{PROXY}", "state = running"]}
+    assert manifest["server_pid_command"].startswith("/usr/sbin/lsof -t -nP -iTCP:")
 
     server = plistlib.loads(fresh.uploads[STAGED].encode())
     proxy = plistlib.loads(fresh.uploads[PROXY_PLIST].encode())
