@@ -15,6 +15,7 @@ from tasks.release import build_release
 from tasks.server import start_server
 from tasks.tuning import tune_host
 from tasks.verify import verify_route
+from tasks.workload import provision_workload
 
 # The route's own files and services belong to route_user: when that is not the
 # SSH user, those steps run as route_user through sudo (tasks/as_user.py).
@@ -28,6 +29,7 @@ retire_services()  # 5. what holds the ports: stop if data retires it, else refu
 start_server(**as_route)  # 6. mlx_lm.server switched to the release: smoke, start, rollback
 ensure_proxy_key(**as_route)  # 7. the proxy's key, made on the host
 start_proxy(**as_route)  # 8. the proxy that strips `model`
-write_manifest(**as_route)  # 9. what the host suite checks
-verify_route()  # 10. ports, shards, services, chat, trust gates
-probe_route()  # 11. speed and memory probes, a report per host (bench_enabled)
+provision_workload(**as_route)  # 9. Terminal-Bench and Hermes for this route (workload_enabled)
+write_manifest(**as_route)  # 10. what the host suite checks
+verify_route()  # 11. ports, shards, services, chat, trust gates (Hermes: workload_enabled)
+probe_route()  # 12. speed and memory probes, a report per host (bench_enabled)

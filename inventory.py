@@ -21,3 +21,15 @@ local = [
 #         "proxy_api_key": True,
 #     }),
 # ]
+
+# The workload role (README, Agent workloads): hosts with workload_enabled get
+# Terminal-Bench and Hermes, set up against the route. A workstation that runs
+# them against a Mac on the LAN (`pyinfra inventory.py workload.py --limit workload`):
+# workload = [
+#     ("@local", {
+#         "workload_enabled": True,
+#         "model_profile": "glm-5.2-mxfp4",                       # what the Mac serves
+#         "workload_api_base": "http://studio.local:8026/v1",
+#         "workload_key_file": "~/.config/mlx-route/studio.key",   # a copy, mode 0600
+#     }),
+# ]

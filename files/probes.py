@@ -29,6 +29,10 @@ Memory, kept apart because they are different things (seed, "Hardware"):
   mlx_peak        MLX's own peak allocation lives inside the server process
                   and mlx_lm.server does not report it: recorded as null
 
+With `workload` in route.json (workload_enabled), the summaries of the
+Terminal-Bench runs tb-route kept on the host come with it (`--only workload`:
+those alone, no probe).
+
 Prints one JSON document (or writes it to --out). Exit 1 with one line on
 stderr when the route cannot be probed.
 """
@@ -424,6 +428,34 @@ def run_probes(args: argparse.Namespace, manifest: dict) -> dict:
     }
 
 
+def workload_runs(manifest: dict) -> list[dict] | None:
+    """The Terminal-Bench runs' summaries (tb-route's summary.json, without the
+    per-trial list), oldest first; None when the deploy provisioned no workload."""
+    workload = manifest.get("workload")
+    if not workload:
+        return None
+    root = os.path.expanduser(workload["runs_dir"])
+    runs = []
+    try:
+        regimes = sorted(os.listdir(root))
+    except OSError:
+        return []
+    for regime in regimes:
+        try:
+            names = sorted(os.listdir(os.path.join(root, regime)))
+        except OSError:
+            continue
+        for name in names:
+            try:
+                with open(os.path.join(root, regime, name, "summary.json")) as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                continue
+            data.pop("trials", None)
+            runs.append(data)
+    return sorted(runs, key=lambda r: r.get("started_at") or "")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -435,8 +467,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name.replace('_', '-')}", type=float if name == "timeout_s" else int,
                        default=None,
                        help=f"route.json's bench value, else the seed's {default}")
-    p.add_argument("--only", choices=["all", "cache"], default="all",
-                   help="all probes, or only the prefix-cache pair (the host suite's gate)")
+    p.add_argument("--only", choices=["all", "cache", "workload"], default="all",
+                   help="all probes, only the prefix-cache pair (the host suite's gate), or "
+                        "no probe: only the Terminal-Bench runs' summaries")
     p.add_argument("--out", default=None, help="write the JSON here instead of stdout")
     args = p.parse_args(argv)
     for name in SEED_SIZES:
@@ -462,7 +495,14 @@ def main(argv=None) -> int:
                 raise ProbeError(f"{args.manifest} has no {key!r}: it is not a route.json "
                                  f"written by the deploy; run the deploy again")
         resolve_sizes(args, manifest)
-        result = run_probes(args, manifest)
+        if args.only == "workload":
+            result = {"schema": SCHEMA, "host": socket.gethostname(),
+                      "profile": manifest.get("profile"),
+                      "public_name": manifest.get("public_name"),
+                      "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        else:
+            result = run_probes(args, manifest)
+        result["workload"] = workload_runs(manifest)
     except (ProbeError, OSError) as e:
         print(f"probes: {e}", file=sys.stderr)
         return 1

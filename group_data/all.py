@@ -478,3 +478,80 @@ bench_cache_tokens = None
 bench_integers = None
 bench_prose_words = None
 bench_timeout_s = None
+
+# --------------------------------------------------------------------------
+# workload_*: the field report's agent workloads, run against this route
+# (tasks/workload.py): Terminal-Bench with terminus-2, and Hermes child agents
+# --------------------------------------------------------------------------
+
+# Provision them on this host: two venvs, the `tb-route` command, Hermes'
+# provider for this route; the host suite's Hermes gate then runs here. The
+# workload runs on the route's host (a Mac) or on a workstation that reaches
+# the route over the LAN (set workload_api_base and workload_key_file there).
+workload_enabled = False
+
+# Interpreter of both venvs: a name on the SSH PATH or an absolute path. The
+# field report ran terminal-bench 0.2.18 on 3.12 (newer Pythons broke its CLI).
+# On a Mac: "/opt/homebrew/bin/python3.12".
+workload_python = "python3.12"
+
+# Venvs (relative to the home of the user that runs them) and their locks
+# (relative to this repository); a change in a lock rebuilds that venv.
+workload_tb_venv = "venvs/terminal-bench"
+workload_tb_requirements = "requirements/terminal-bench.txt"
+workload_hermes_venv = "venvs/hermes"
+workload_hermes_requirements = "requirements/hermes.txt"
+
+# The route as this host reaches it (an OpenAI base URL, ending in /v1). None:
+# the proxy on this host, http://127.0.0.1:<proxy_port>/v1.
+workload_api_base = None
+
+# File holding the proxy's key on this host. None: the route's own proxy.key
+# when proxy_api_key is set (no key otherwise). Never printed.
+workload_key_file = None
+
+# What `tb-route run` runs: the field report's invocation. The model is sent
+# as LiteLLM names it (the proxy strips it); `workload_dataset` is a
+# registry dataset (name==version), `workload_dataset_path` a local folder of
+# tasks instead (None: the registry's).
+workload_model = "openai/glm52"
+workload_dataset = "terminal-bench-core==0.1.1"
+workload_dataset_path = None
+workload_agent = "terminus-2"
+workload_temperature = 0.0
+workload_n_concurrent = 1
+workload_n_attempts = 1
+# More of the agent's own settings, each passed as `--agent-kwarg name=value`
+# (terminus-2: max_episodes, parser_name...). {}: the agent's defaults, as the
+# field report ran it.
+workload_agent_kwargs = {}
+
+# Timeout regime of a run without --timeout-multiplier: 1.0 is the stock
+# regime (the only one comparable with the field report's 23/80); any other
+# value is a diagnostic regime, labelled so and never merged with stock runs.
+workload_timeout_multiplier = 1.0
+
+# Where runs are kept (relative to the home): <runs_dir>/<regime>/<run id>/,
+# tb's own output plus summary.json.
+workload_runs_dir = "tb-runs"
+
+# Least open-files soft limit a run needs: `tb-route` raises the soft limit to
+# the hard limit and refuses to start below this (the field report's run died
+# of Errno 24 at ~24 results under a non-login SSH shell's 256).
+workload_nofile = 8192
+
+# Folders put in front of PATH for Docker in a non-login SSH shell (Docker
+# Desktop, OrbStack, Homebrew, /usr/local/bin).
+workload_docker_path = [
+    "/Applications/Docker.app/Contents/Resources/bin",
+    "~/.orbstack/bin",
+    "/opt/homebrew/bin",
+    "/usr/local/bin",
+]
+
+# Hermes: the provider for this route, merged into <workload_hermes_home>/config.yaml
+# (other providers are left as they are); the host suite's Hermes gate uses it
+# when the profile's gates name no hermes_provider. The field report's was
+# "m3u-glm52-8026".
+workload_hermes_provider = "mlx-route"
+workload_hermes_home = ".hermes"

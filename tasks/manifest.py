@@ -16,6 +16,7 @@ from tasks.common import RouteError, paths, profile
 from tasks.host_facts import filevault
 from tasks.service_spec import SERVER
 from tasks.services import public_name, proxy_key_file, route_services
+from tasks.workload import manifest_part as workload_manifest
 
 SIZES = ("needle_tokens", "cache_tokens", "integers", "prose_words", "timeout_s")
 
@@ -73,6 +74,8 @@ def manifest() -> dict:
         "route_home": p.route_home,
         # macOS: `fdesetup status` at deploy time ({"on", "status"}); None elsewhere
         "filevault": filevault(),
+        # workload_enabled: tb-route, the runs, Hermes and its provider (tasks/workload.py)
+        "workload": workload_manifest(),
     }
 
 

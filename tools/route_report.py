@@ -207,7 +207,92 @@ def by_name(data: dict) -> dict:
     return {p["name"]: p for p in data["probes"]}
 
 
+# The field report's stock run (docs/field-report.md): the row every stock run is read against.
+REFERENCE_RUN = {"run_id": "field report: GLM-5.2 MXFP4 on an M3 Ultra", "regime": "stock",
+                 "dataset": "terminal-bench-core==0.1.1", "agent": "terminus-2",
+                 "model": "openai/glm52", "resolved": 23, "total": 80, "percent": 28.75,
+                 "wall_s": 12 * 3600 + 28 * 60}
+FAILURE_CLASSES = (("agent_timeout", "Agent timeout"), ("test_failure", "Test failure"),
+                   ("route_http_error", "HTTP error from the route"),
+                   ("model_output_error", "Model output unusable"),
+                   ("harness_error", "Harness error"))
+
+
+def duration(seconds) -> str:
+    if seconds is None:
+        return "n/a"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
+def regime_order(name: str) -> tuple:
+    if name == "stock":
+        return (0, 0.0)
+    try:
+        return (1, float(name.rsplit("-x", 1)[1]))
+    except (IndexError, ValueError):
+        return (2, 0.0)
+
+
+def workload_markdown(runs: list[dict] | None) -> list[str]:
+    """Terminal-Bench runs, one table per timeout regime (never merged), the
+    field report's stock run at the head of the stock table."""
+    if runs is None:
+        return []
+    lines = ["## Agent workloads: Terminal-Bench", "",
+             "Runs of `tb-route run` on this host (tasks/workload.py), one table per timeout "
+             "regime: only `stock` (timeout multiplier 1) compares with the field report; a "
+             "diagnostic regime (`diagnostic-x<m>`: agent and test timeouts times m) is shown "
+             "apart and never merged. Failure classes: agent timeout, tests run and failed, "
+             "an HTTP error from the route (or no answer) in the agent's logs, model output "
+             "the agent could not use (unparsable, too long), harness errors (everything "
+             "else, and trials the harness never finished).", ""]
+    header = ("| Run | Dataset | Agent | Model | Resolved | % | Wall | "
+              + " | ".join(label for _, label in FAILURE_CLASSES) + " |")
+    rule = "|" + "---|" * (7 + len(FAILURE_CLASSES))
+    by_regime: dict[str, list[dict]] = {"stock": []}
+    for run in runs:
+        by_regime.setdefault(run.get("regime") or "unknown", []).append(run)
+    for regime in sorted(by_regime, key=regime_order):
+        rows = by_regime[regime]
+        title = ("stock (1x timeouts)" if regime == "stock" else
+                 f"{regime} (a diagnostic regime: NOT comparable with stock runs)")
+        lines += [f"### {title}", "", header, rule]
+        if regime == "stock":
+            ref = REFERENCE_RUN
+            lines.append(f"| *{ref['run_id']}* | {ref['dataset']} | {ref['agent']} | "
+                         f"{ref['model']} | {ref['resolved']}/{ref['total']} | "
+                         f"{ref['percent']:.2f} | ~{duration(ref['wall_s'])} | "
+                         + " | ".join("—" for _ in FAILURE_CLASSES) + " |")
+        for run in rows:
+            classes = run.get("classes") or {}
+            pct = "n/a" if run.get("percent") is None else f"{run['percent']:.2f}"
+            unfinished = "" if run.get("finished", True) else " (unfinished)"
+            lines.append(f"| {run.get('run_id')}{unfinished} | {run.get('dataset')} | "
+                         f"{run.get('agent')} | {run.get('model')} | "
+                         f"{run.get('resolved')}/{run.get('total')} | {pct} | "
+                         f"{duration(run.get('wall_s'))} | "
+                         + " | ".join(str(classes.get(key, 0)) for key, _ in FAILURE_CLASSES)
+                         + " |")
+        if not rows:
+            lines.append("")
+            lines.append("No stock run on this host yet (`tb-route run`).")
+        lines.append("")
+    return lines
+
+
+def workload_only_markdown(data: dict) -> str:
+    lines = [f"# Route report: {data['host']}", "",
+             f"- profile `{data.get('profile')}` (served as `{data.get('public_name')}`), "
+             f"collected {data['started_at']}; no speed probe in this report", ""]
+    return "\n".join(lines + workload_markdown(data.get("workload"))) + "\n"
+
+
 def markdown(data: dict, runs: list[dict]) -> str:
+    if "probes" not in data:
+        return workload_only_markdown(data)
     mem, disk, cache = data["memory"], data["disk"], data["prefix_cache"]
     lines = [
         f"# Route report: {data['host']}",
@@ -277,7 +362,7 @@ def markdown(data: dict, runs: list[dict]) -> str:
               "| Run | Tiny wall (s) | Integers decode tok/s | Prose decode tok/s | "
               "Needle prefill tok/s | Cache ratio | RSS peak |",
               "|---|---|---|---|---|---|---|"]
-    for run in runs:
+    for run in [r for r in runs if "probes" in r]:
         p = by_name(run)
         g = lambda n, k: p.get(n, {}).get(k)  # noqa: E731
         lines.append(
@@ -286,6 +371,7 @@ def markdown(data: dict, runs: list[dict]) -> str:
             f"{fmt(g('prose', 'decode_tok_s'))} | {fmt(g('needle', 'prefill_tok_s'))} | "
             f"{fmt(run['prefix_cache']['ratio'], digits=3)} | "
             f"{gib(run['memory']['rss_peak_sampled_bytes'])} |")
+    lines += [""] + workload_markdown(data.get("workload"))
     return "\n".join(lines) + "\n"
 
 
@@ -302,9 +388,10 @@ def build_report(data: dict, out_root: Path, host_name: str | None = None,
     if out.exists():
         raise ReportError(f"{out} exists already: a run is never overwritten")
     out.mkdir(parents=True)
-    data = dict(data, verdicts=verdicts(data), report_stamp=stamp)
+    data = dict(data, verdicts=verdicts(data) if "probes" in data else {}, report_stamp=stamp)
     (out / "report.json").write_text(json.dumps(data, indent=2) + "\n")
-    plot(data, out)
+    if "probes" in data:
+        plot(data, out)
     (out / "report.md").write_text(markdown(data, history(host_dir)))
     return out
 
@@ -320,6 +407,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--route-manifest", default=DEFAULT_MANIFEST,
                    help="route.json on the host (written by the deploy)")
     p.add_argument("--via", choices=["proxy", "server"], default="proxy")
+    p.add_argument("--workload-only", action="store_true",
+                   help="no speed probe: only the Terminal-Bench runs' summaries (tb-route)")
     p.add_argument("--host-name", default=None,
                    help="folder name under --out (default: the host's hostname)")
     p.add_argument("--out", type=Path, default=REPO / "reports", help="reports root")
@@ -337,6 +426,7 @@ def main(argv=None) -> int:
         else:
             sizes = {n: getattr(args, n) for n in SIZE_FLAGS}
             data = run_probes(args.hosts, args.route_manifest, args.via, sizes,
+                              only="workload" if args.workload_only else "all",
                               ssh_config=args.ssh_config)
         out = build_report(data, args.out, args.host_name)
     except (ReportError, OSError, ValueError) as e:

@@ -4,9 +4,11 @@ Every request goes through the proxy, as clients use it, with the key when one
 is set; prompts and limits are the profile's `gates` (route.json). Walls are
 printed and kept as junit properties (reports/host-suite-<host>.xml).
 
-The Hermes child-agent gate runs only where `hermes` (the hermes-agent
-package) is installed on the workstation and a provider for this route is
-named in the profile; otherwise it is reported as skipped, NOT RUN.
+The Hermes child-agent gate runs on the host when the deploy provisioned
+Hermes there (workload_enabled, tasks/workload.py: its venv and this route's
+provider); else on the workstation where `hermes` (the hermes-agent package)
+is installed and the profile names a provider for this route; otherwise it is
+reported as skipped, NOT RUN.
 """
 
 from __future__ import annotations
@@ -183,26 +185,51 @@ def test_cached_follow_up_costs_a_fraction_of_the_cold_prefill(host, gates, requ
     assert cache["ratio"] <= gates["cache_followup_max_ratio"], cache
 
 
-def test_hermes_child_agent_completes_small_tasks(gates, record_property):
-    hermes = shutil.which("hermes")
-    if hermes is None:
-        pytest.skip("NOT RUN: `hermes` is not installed on this workstation "
-                    "(pip install hermes-agent); the Hermes gate has not passed")
-    provider = gates.get("hermes_provider")
-    if not provider:
-        pytest.skip("NOT RUN: the profile's gates name no hermes_provider for this route "
-                    "(the seed's was m3u-glm52-8026); the Hermes gate has not passed")
+def hermes_on_host(host, workload: dict, provider: str, model: str, query: str):
+    """`hermes chat` as the deploy provisioned it on the host (workload_enabled):
+    its venv, its HERMES_HOME with this route's provider; exit, stdout, stderr."""
+    q = shlex.quote
+    out = host.run(
+        f"HERMES_HOME={q(workload['hermes_home'])} {q(workload['hermes'])} chat -Q "
+        f"--provider {q(provider)} --model {q(model)} -t safe -q {q(query)} < /dev/null")
+    return out.rc, out.stdout, out.stderr
+
+
+def test_hermes_child_agent_completes_small_tasks(host, route, gates, record_property):
+    workload = route.get("workload") or {}
+    provider = gates.get("hermes_provider") or workload.get("hermes_provider")
+    model = gates["hermes_model"] if gates.get("hermes_provider") else (
+        workload.get("hermes_model") or gates["hermes_model"])
+    if workload.get("hermes"):
+        where = "the host (workload_enabled)"
+
+        def hermes_chat(query: str):
+            return hermes_on_host(host, workload, provider, model, query)
+    else:
+        hermes = shutil.which("hermes")
+        if hermes is None:
+            pytest.skip("NOT RUN: `hermes` is not installed on this workstation and the "
+                        "deploy did not provision it (workload_enabled=False); the Hermes "
+                        "gate has not passed")
+        if not provider:
+            pytest.skip("NOT RUN: the profile's gates name no hermes_provider for this route "
+                        "(the seed's was m3u-glm52-8026); the Hermes gate has not passed")
+        where = "this workstation"
+
+        def hermes_chat(query: str):
+            proc = subprocess.run(
+                [hermes, "chat", "-Q", "--provider", provider, "--model", model,
+                 "-t", "safe", "-q", query],
+                capture_output=True, text=True, timeout=gates.get("hermes_timeout_s", 600),
+                stdin=subprocess.DEVNULL)
+            return proc.returncode, proc.stdout, proc.stderr
     results = []
     for task in gates["hermes_tasks"]:
         started = time.monotonic()
-        proc = subprocess.run(
-            [hermes, "chat", "-Q", "--provider", provider, "--model", gates["hermes_model"],
-             "-t", "safe", "-q", task["query"]],
-            capture_output=True, text=True, timeout=gates.get("hermes_timeout_s", 600),
-            stdin=subprocess.DEVNULL)
+        rc, stdout, stderr = hermes_chat(task["query"])
         wall = time.monotonic() - started
-        results.append({"task": task["name"], "exit": proc.returncode, "wall_s": round(wall, 2)})
-        print(f"hermes {task['name']}: exit {proc.returncode}, {wall:.2f} s")
-        assert proc.returncode == 0, f"{task['name']}: {proc.stderr[-800:]}"
-        assert task["expect"] in proc.stdout, f"{task['name']}: {proc.stdout[-800:]}"
+        results.append({"task": task["name"], "exit": rc, "wall_s": round(wall, 2)})
+        print(f"hermes {task['name']} on {where}: exit {rc}, {wall:.2f} s")
+        assert rc == 0, f"{task['name']}: {stderr[-800:]}"
+        assert task["expect"] in stdout, f"{task['name']}: {stdout[-800:]}"
     record_property("hermes", results)
