@@ -65,7 +65,8 @@ READY_S = 120  # the small model loads in seconds; bounded generously for a load
 class Route:
     """supervisord + the server program + the proxy with its watchdog, in tmp_path."""
 
-    def __init__(self, tmp_path: Path, model_dir: Path, fault_file: Path | None = None):
+    def __init__(self, tmp_path: Path, model_dir: Path, fault_file: Path | None = None,
+                 launcher: bool = False):
         self.tmp = tmp_path
         self.port = free_port()
         self.conf = tmp_path / "supervisord.conf"
@@ -84,9 +85,18 @@ class Route:
         else:  # the stock mlx_lm of this venv, through the fault wrapper
             argv = mlx_fault.argv(*server_argv)
             env |= {"PYTHONPATH": str(REPO), mlx_fault.ENV: str(fault_file)}
+        stdout, stderr = logs / "server.out.log", logs / "server.err.log"
+        if launcher:
+            # as the systemd unit and the launchd plist run it (tasks/launcher.py): the
+            # launcher writes the server's logs and execs it; supervisord's own logs of
+            # the program stay empty
+            argv = [sys.executable, str(REPO / "files" / "route_run.py"), "--stdout", str(stdout),
+                    "--stderr", str(stderr), "--max-bytes", str(50 * 2**20), "--keep", "2",
+                    "--", *argv]
+            stdout, stderr = logs / "supervisor.out.log", logs / "supervisor.err.log"
         svc = Service(name="server", label="org.mlxroute.server", description="test server",
-                      argv=argv, env=env, workdir=str(REPO), stdout=str(logs / "server.out.log"),
-                      stderr=str(logs / "server.err.log"), nofile=1024, restart_delay=1,
+                      argv=argv, env=env, workdir=str(REPO), stdout=str(stdout),
+                      stderr=str(stderr), nofile=1024, restart_delay=1,
                       log_max_mb=50, log_keep=2, interactive=True)
         conf_d = tmp_path / "conf.d"
         conf_d.mkdir()
@@ -191,8 +201,8 @@ class Route:
 def route_factory(smollm2_model_dir, tmp_path):
     routes: list[tuple[Route, list[int]]] = []
 
-    def start(fault_file: Path | None = None) -> tuple[Route, list[int]]:
-        route = Route(tmp_path, smollm2_model_dir, fault_file)
+    def start(fault_file: Path | None = None, launcher: bool = False) -> tuple[Route, list[int]]:
+        route = Route(tmp_path, smollm2_model_dir, fault_file, launcher)
         frozen: list[int] = []
         routes.append((route, frozen))
         route.wait_serving(READY_S)
@@ -237,6 +247,34 @@ def test_frozen_server_is_restarted_through_supervisor_within_the_limit(route_fa
     log = route.proxy.log()
     assert f"watchdog: restarting the server (pid {old}, no token for" in log, log[-3000:]
     assert proxy_chat(route, "What is the capital of France?", 4)[0] == 200
+
+
+def listening_pid(port: int) -> int | None:
+    out = subprocess.run(["lsof", "-t", "-nP", f"-iTCP:{port}", "-sTCP:LISTEN"],
+                         capture_output=True, text=True, timeout=30).stdout.split()
+    return int(out[0]) if out else None
+
+
+def test_frozen_server_under_the_launcher_is_restarted_and_its_log_written(route_factory):
+    """The server as systemd and launchd run it, through files/route_run.py: the pid
+    the manager knows is the server's own (exec), so the watchdog sees the frozen server and
+    restarts the real process, and the server's own lines reach the launcher's log."""
+    route, frozen = route_factory(launcher=True)
+    old = route.pid()
+    assert old == listening_pid(route.port)  # the manager's pid is the server, not a wrapper
+    old = freeze(route, frozen)
+    took = route.wait_new_pid(old, RESTART_LIMIT_S + 30)
+    new = route.wait_serving(READY_S, not_pid=old)
+    print(f"\nfrozen pid {old} (launcher) replaced by pid {new} after {took:.1f} s")
+    assert took <= RESTART_LIMIT_S, route.proxy.log()[-3000:]
+    assert new == listening_pid(route.port)
+    assert route.restarts() == {"no_token": 1}
+    assert proxy_chat(route, "What is the capital of France?", 4)[0] == 200
+    end = time.monotonic() + 20  # mlx_lm.server's request lines, written by the launcher
+    while b'"POST /v1/chat/completions HTTP/1.1" 200' not in route.server_log.read_bytes():
+        assert time.monotonic() < end, route.server_log.read_text(errors="replace")[-2000:]
+        time.sleep(0.5)
+    assert (route.tmp / "logs" / "supervisor.err.log").read_bytes() == b""
 
 
 def test_server_whose_generation_thread_died_is_restarted(route_factory, tmp_path):
