@@ -64,28 +64,65 @@ def say(message: str) -> None:
 
 
 class RotatingLog:
-    """Append-only file rotated by size; never larger than max_bytes."""
+    """Append-only file rotated by size; never larger than max_bytes.
+
+    A log it cannot open (one an earlier deploy left to another owner, a full
+    disk) is moved aside like a rotation and opened afresh; while that fails
+    too, output is dropped and opening retried every RETRY_S: the service must
+    never meet a closed pipe."""
+
+    RETRY_S = 5.0
 
     def __init__(self, path: str, max_bytes: int, keep: int) -> None:
         self.path, self.max_bytes, self.keep = path, max_bytes, keep
         self.fd = -1
         self.size = 0
+        self.next_try = 0.0
         self.open()
 
-    def open(self) -> None:
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self.size = os.fstat(self.fd).st_size
+    def open(self) -> bool:
+        if self.fd >= 0:
+            return True
+        if time.monotonic() < self.next_try:
+            return False
+        for attempt in (1, 2):
+            try:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                self.size = os.fstat(self.fd).st_size
+                return True
+            except OSError:
+                if attempt == 1:
+                    self.shift()
+        self.next_try = time.monotonic() + self.RETRY_S
+        return False
 
-    def rotate(self) -> None:
-        os.close(self.fd)
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        self.fd = -1
+
+    def shift(self) -> None:
+        """<log> to <log>.1, <log>.1 to <log>.2, ... the oldest beyond keep dropped."""
         for i in range(self.keep, 0, -1):
             src = self.path if i == 1 else f"{self.path}.{i - 1}"
-            if os.path.exists(src):
-                os.replace(src, f"{self.path}.{i}")
+            try:
+                if os.path.lexists(src):
+                    os.replace(src, f"{self.path}.{i}")
+            except OSError:
+                pass
+
+    def rotate(self) -> None:
+        self.close()
+        self.shift()
         self.open()
 
     def write(self, data: bytes) -> None:
         while data:
+            if not self.open():
+                return  # dropped: nowhere to write now
             if self.size + len(data) <= self.max_bytes:
                 self._write(data)
                 return
@@ -109,18 +146,11 @@ class RotatingLog:
 
 
 def write(log: RotatingLog, data: bytes) -> None:
-    """A full disk loses lines, never the writer: the service must not meet a closed pipe."""
+    """A failed write loses those lines, never the writer."""
     try:
         log.write(data)
     except OSError:
-        try:
-            os.close(log.fd)
-        except OSError:
-            pass
-        try:
-            log.open()
-        except OSError:
-            pass
+        log.close()
 
 
 def pump(streams: dict[int, RotatingLog], parent: int) -> None:

@@ -291,3 +291,28 @@ def test_launcher_raises_the_open_files_soft_limit_within_the_hard_one(tmp_path)
     assert run(65536) == "(2048, 2048)"  # at most the hard limit, and it says so
     assert "open-files limit 2048, not 65536 (hard limit 2048)" in (
         tmp_path / "err.log").read_text()
+
+
+def test_a_log_that_cannot_be_written_never_stops_the_service(tmp_path):
+    """No log directory (deleted by hand, a full or read-only disk): the writer drops
+    the lines and keeps reading, so the service never meets a closed pipe; once the
+    directory is back, logging resumes (retried every RotatingLog.RETRY_S)."""
+    logs = tmp_path / "gone"
+    service = (
+        "import os, sys, time\n"
+        "for i in range(200): os.write(1, b'y' * 9999 + b'\\n')\n"  # 2 MB into the void
+        f"while not os.path.isdir({str(logs)!r}): time.sleep(0.1)\n"
+        "time.sleep(6)\n"  # past the writer's retry interval
+        "print('back', flush=True)\n")
+    proc = subprocess.Popen([
+        sys.executable, str(LAUNCHER), "--stdout", str(logs / "out.log"),
+        "--stderr", str(logs / "err.log"), "--max-bytes", str(MIB), "--keep", "1",
+        "--", sys.executable, "-c", service])
+    time.sleep(1.5)
+    assert proc.poll() is None  # writing into a pipe whose reader has nowhere to write
+    logs.mkdir()
+    assert proc.wait(60) == 0  # no BrokenPipeError
+    end = time.monotonic() + 10
+    while not ((logs / "out.log").exists() and (logs / "out.log").read_text() == "back\n"):
+        assert time.monotonic() < end, list(logs.iterdir())
+        time.sleep(0.2)
