@@ -13,6 +13,7 @@ from tasks.proxy import start_proxy
 from tasks.proxy_key import ensure_proxy_key
 from tasks.release import build_release
 from tasks.server import start_server
+from tasks.services import serves_http
 from tasks.tuning import tune_host
 from tasks.verify import verify_route
 from tasks.workload import provision_workload
@@ -27,9 +28,10 @@ fetch_model(**as_route)  # 3. the weights, downloaded (or adopted) and checked
 apply_patches(**as_route)  # 4. the mlx-lm source patches for GLM-5.2, into the new release
 retire_services()  # 5. what holds the ports: stop if data retires it, else refuse
 start_server(**as_route)  # 6. mlx_lm.server switched to the release: smoke, start, rollback
-ensure_proxy_key(**as_route)  # 7. the proxy's key, made on the host
-start_proxy(**as_route)  # 8. the proxy that strips `model`
-provision_workload(**as_route)  # 9. Terminal-Bench and Hermes for this route (workload_enabled)
-write_manifest(**as_route)  # 10. what the host suite checks
-verify_route()  # 11. ports, shards, services, chat, trust gates (Hermes: workload_enabled)
-probe_route()  # 12. speed and memory probes, a report per host (bench_enabled)
+if serves_http():  # a cluster's hosts without rank 0 run only their ranks (tasks/cluster.py)
+    ensure_proxy_key(**as_route)  # 7. the proxy's key, made on the host
+    start_proxy(**as_route)  # 8. the proxy that strips `model`
+    provision_workload(**as_route)  # 9. Terminal-Bench and Hermes for this route (workload_enabled)
+    write_manifest(**as_route)  # 10. what the host suite checks
+    verify_route()  # 11. ports, shards, services, chat, trust gates (Hermes: workload_enabled)
+    probe_route()  # 12. speed and memory probes, a report per host (bench_enabled)

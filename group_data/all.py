@@ -275,6 +275,32 @@ server_prompt_cache_fraction = 0.5
 server_restart_strategy = "auto"
 
 # --------------------------------------------------------------------------
+# cluster_*: one model served by several ranks (MLX's distributed engine,
+# tasks/cluster.py): give these keys to the cluster's hosts (an inventory group)
+# --------------------------------------------------------------------------
+
+# The ranks, in order: [{"host": inventory name, "ip": address the ranks reach
+# it on, "rdma": [...] (jaccl only: the RDMA device towards each rank, null for
+# itself)}]. Rank 0's host serves HTTP behind the proxy; every other rank is a
+# service `<prefix>.server-rank<N>` on its host. A host listed twice runs two
+# ranks. []: no cluster, one server per host.
+cluster_ranks = []
+
+# "ring" (TCP over Ethernet or Thunderbolt IP; works on Linux CPU too) or
+# "jaccl" (Thunderbolt 5 RDMA, recent macOS).
+cluster_backend = "ring"
+
+# "tensor": every layer split across the ranks (mlx-lm's sharded_load; the
+# attention heads must divide by the rank count); "pipeline": whole layers per
+# rank (mlx_lm.server --pipeline; only models whose mlx-lm class has a
+# `pipeline` method).
+cluster_parallel = "tensor"
+
+# ring: rank r listens on cluster_port + r (mlx.launch's --starting-port);
+# jaccl: rank 0's coordinator port.
+cluster_port = 32323
+
+# --------------------------------------------------------------------------
 # proxy_*: the OpenAI-compatible front door (files/mlx_route_proxy, shipped as proxy.pyz)
 # --------------------------------------------------------------------------
 

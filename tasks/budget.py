@@ -5,7 +5,9 @@
              limit above the deploy's shell, v1 or v2; the OS lives outside a
              cgroup, so its headroom is not taken from one)
     - model  size_gib x host_memory_model_overhead (GLM-5.2: 368 GiB on disk,
-             a ~395 GB MLX peak when first loaded: about x1.07)
+             a ~395 GB MLX peak when first loaded: about x1.07); on a
+             cluster host (tasks/cluster.py) x the share of the ranks it
+             runs (ranks here / ranks in all: an even split of the weights)
     - route  host_memory_route_gib: the proxy, the service manager, the deploy's tools
     - others host_other_services: other model services that stay up beside
     - cache  --prompt-cache-bytes: server_prompt_cache_fraction of what is left,
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pyinfra import host, logger
 from pyinfra.api import FactBase
 
+from tasks.cluster import ClusterError, parse
 from tasks.common import RouteError, profile
 
 GiB = 2**30
@@ -129,8 +132,10 @@ def other_services(who: str, entries) -> tuple[tuple[str, float], ...]:
     return tuple(pairs)
 
 
-def compute(ram_bytes: int, cgroup_bytes: int | None, prof: dict, data, who: str) -> Budget:
+def compute(ram_bytes: int, cgroup_bytes: int | None, prof: dict, data, who: str,
+            share: float = 1.0) -> Budget:
     """The budget from the host's numbers and its data (a mapping with .get);
+    `share` is the part of the weights this host holds (a cluster's ranks);
     refuses, naming `who`, what cannot fit."""
     fraction = data.get("server_prompt_cache_fraction")
     if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
@@ -144,7 +149,8 @@ def compute(ram_bytes: int, cgroup_bytes: int | None, prof: dict, data, who: str
         else None,
         headroom=_number(who, "host_memory_headroom_gib", data.get("host_memory_headroom_gib")),
         model=_number(who, "size_gib", prof["size_gib"])
-        * _number(who, "host_memory_model_overhead", data.get("host_memory_model_overhead")),
+        * _number(who, "host_memory_model_overhead", data.get("host_memory_model_overhead"))
+        * share,
         route=_number(who, "host_memory_route_gib", data.get("host_memory_route_gib")),
         others=other_services(who, data.get("host_other_services")),
         cache=0.0,
@@ -153,11 +159,12 @@ def compute(ram_bytes: int, cgroup_bytes: int | None, prof: dict, data, who: str
     spare = partial.free
     if spare < floor:
         short = Budget(**{**partial.__dict__, "cache": floor})
+        part = f" ({share:.3g} of the weights: this host's cluster ranks)" if share < 1 else ""
         raise RouteError(
             f"{who}: model profile {data.get('model_profile')!r} does not fit in this host's "
-            f"memory: {short.line().split('; a second')[0]} (the prompt cache at its floor, the "
-            "profile's prompt-cache-bytes). Use a smaller model_profile or a host with more "
-            "memory, stop the services in host_other_services, or lower "
+            f"memory{part}: {short.line().split('; a second')[0]} (the prompt cache at its floor, "
+            "the profile's prompt-cache-bytes). Use a smaller model_profile or a host with more "
+            "memory (or more cluster ranks), stop the services in host_other_services, or lower "
             "host_memory_headroom_gib if the OS needs less"
         )
     cache = floor if fraction is None else max(floor, fraction * spare)
@@ -170,7 +177,12 @@ def memory_budget() -> Budget:
     if not limits or not limits.get("ram"):
         raise RouteError(f"{host.name}: cannot read the memory size (hw.memsize or "
                          "/proc/meminfo) of the host")
-    budget = compute(limits["ram"], limits.get("cgroup"), profile(), host.data, host.name)
+    try:
+        cluster = parse(host.data, host.name)
+    except ClusterError as exc:
+        raise RouteError(str(exc)) from None
+    share = cluster.share(host.name) if cluster is not None else 1.0
+    budget = compute(limits["ram"], limits.get("cgroup"), profile(), host.data, host.name, share)
     if host.name not in _LOGGED:  # one line a host in the plan, however often it is read
         _LOGGED.add(host.name)
         logger.info(f"{host.name}: {budget.line()}; restart strategy: {restart_strategy(budget)}")
@@ -195,6 +207,8 @@ def restart_strategy(budget: Budget) -> str:
                          f"{', '.join(STRATEGIES)}")
     if choice != "auto":
         return choice
+    if parse(host.data, host.name) is not None:
+        return "stop-first"  # a cluster's ranks restart together: there is no second group
     return "overlap" if budget.second_copy_fits else "stop-first"
 
 

@@ -28,11 +28,12 @@ from tasks import as_user
 from tasks.as_user import as_root
 from tasks.backends import select_backend
 from tasks.budget import memory_budget, restart_strategy
-from tasks.common import fingerprint, paths, profile, repo_file
+from tasks.cluster import ClusterError, check_model
+from tasks.common import RouteError, fingerprint, paths, profile, repo_file
 from tasks.release import release_state, wanted_release
 from tasks.restarts import record_started, stamp_path
 from tasks.service_spec import SERVER
-from tasks.services import maintenance_file, route_services
+from tasks.services import cluster_dir, host_cluster, maintenance_file, route_services
 
 def flag_value(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
@@ -52,16 +53,22 @@ def smoke_spec(argv: list[str], prof: dict, model_dir: str) -> dict:
 
 
 def switch_command(backend, svc, release: str, strategy: str, staged: str | None,
-                   protect: list[str], python: str | None = None) -> str:
-    """`routectl.py switch` to `release` (an id, or "previous" for a rollback)."""
+                   protect: list[str], python: str | None = None, ranks: list | None = None) -> str:
+    """`routectl.py switch` to `release` (an id, or "previous" for a rollback).
+    `ranks`: a cluster's other ranks on this host, stopped and started with the
+    server (rank 0); a cluster has no smoke (no host holds the whole model)."""
     p = paths()
     prof = profile()
     q = shlex.quote
+    group = [*(ranks or []), svc]
+    smoke = None if host_cluster() is not None else smoke_spec(svc.argv, prof, p.model_dir)
     argv = [
         python or p.release_dir(release) + "/bin/python", p.script("routectl.py"), "switch",
         "--root", p.venv_root, "--release", release, "--strategy", strategy,
-        "--stop", backend.stop_command(svc), "--start", backend.start_command(svc),
-        "--smoke", json.dumps(smoke_spec(svc.argv, prof, p.model_dir), sort_keys=True),
+        "--stop", " ; ".join(backend.stop_command(s) for s in group),
+        "--start", " && ".join(f"{{ {backend.start_command(s)} ; }}" for s in group)
+        if ranks else backend.start_command(svc),
+        "--smoke", json.dumps(smoke, sort_keys=True),
         "--smoke-timeout", str(int(prof["ready_timeout_s"])),
         "--url", f"http://{host.data.server_host}:{host.data.server_port}",
         "--timeout", str(int(prof["ready_timeout_s"])),
@@ -83,16 +90,43 @@ def protected_releases() -> list[str]:
     return [posixpath.join(state, name) for name in ("proxy.release", "supervisord.release")]
 
 
+def cluster_ranks(services: dict) -> list:
+    """This host's server services of a cluster's ranks other than rank 0."""
+    return [svc for name, svc in services.items() if name.startswith(f"{SERVER}-rank")]
+
+
+def put_cluster_files(p) -> str:
+    """The cluster's hostfiles on this host (same bytes on every rank's host);
+    their fingerprint, a part of every rank's definition. Refuses a model
+    whose config.json cannot be split across the ranks as data asks."""
+    cluster = host_cluster()
+    config = host.get_fact(FileContents, posixpath.join(p.model_dir, "config.json"))
+    if config:
+        try:
+            check_model(cluster, json.loads("\n".join(config)), host.name)
+        except (ClusterError, ValueError) as exc:
+            raise RouteError(str(exc)) from None
+    files.directory(name="Create the cluster directory", path=cluster_dir(p), present=True)
+    for name, text in sorted(cluster.files().items()):
+        as_user.put(name=f"Write the cluster's {name}", src=StringIO(text),
+                    dest=posixpath.join(cluster_dir(p), name))
+    return fingerprint(*[f"{n}\n{t}" for n, t in sorted(cluster.files().items())])
+
+
 @deploy("Start mlx_lm.server")
 def start_server():
     p = paths()
     prof = profile()
     backend = select_backend()
     services = route_services()
-    svc = services[SERVER]
     release = wanted_release()
     budget = memory_budget()
     strategy = restart_strategy(budget)
+    cluster = host_cluster()
+    ranks = cluster_ranks(services)
+    if cluster is not None and SERVER not in services:
+        return start_ranks(p, prof, backend, services, release)
+    svc = services[SERVER]
 
     as_user.put(name="Upload routectl.py", src=str(repo_file("files/routectl.py")),
               dest=p.script("routectl.py"))
@@ -101,13 +135,19 @@ def start_server():
                     present=True)
     files.directory(name="Create the state directory", path=p.state_dir, present=True)
     backend.prepare(services)
+    extra = [put_cluster_files(p)] if cluster is not None else []
+    rank_texts = [backend.render(r) for r in ranks]
+    for rank, rank_text in zip(ranks, rank_texts):
+        backend.install(rank, rank_text)  # started by the switch, with rank 0
 
     text = backend.render(svc)
-    desired = fingerprint(backend.name, text, release.id, json.dumps(prof, sort_keys=True))
+    desired = fingerprint(backend.name, text, release.id, json.dumps(prof, sort_keys=True),
+                          *extra, *rank_texts)
     applied = host.get_fact(FileContents, stamp_path(svc))
     current = release_state(release).get("current")
     definition = host.get_fact(FileContents, backend.definition_path(svc))
-    if applied == [desired] and current == release.id and backend.is_running(svc):
+    if (applied == [desired] and current == release.id and backend.is_running(svc)
+            and all(backend.is_running(r) for r in ranks)):
         backend.install(svc, text)  # no change: keeps the definition as it is
         return
 
@@ -121,10 +161,38 @@ def start_server():
         name=f"Switch the server to {what}, {strategy}"
              + (f" (from {current}; rollback on failure)" if current else ""),
         commands=[switch_command(backend, svc, release.id, strategy, staged,
-                                 protected_releases())],
+                                 protected_releases(), ranks=ranks)],
         **as_root(backend.sudo),
     )
     record_started(svc, desired)
+
+
+def start_ranks(p, prof, backend, services, release) -> None:
+    """A cluster host without rank 0: its ranks' services, on the release, (re)started
+    when their definition, the release, the profile or the hostfiles changed.
+    Rank 0's host holds the HTTP side; these ranks join its group when they start."""
+    files.directory(name="Create the log directory", path=p.logs_dir, present=True)
+    files.directory(name="Create the HF cache directory",
+                    path=next(iter(services.values())).env["HF_HUB_CACHE"], present=True)
+    files.directory(name="Create the state directory", path=p.state_dir, present=True)
+    backend.prepare(services)
+    hostfiles = put_cluster_files(p)
+    current = release_state(release).get("current")
+    for svc in services.values():
+        text = backend.render(svc)
+        desired = fingerprint(backend.name, text, release.id, json.dumps(prof, sort_keys=True),
+                              hostfiles)
+        applied = host.get_fact(FileContents, stamp_path(svc))
+        backend.install(svc, text)
+        if applied == [desired] and current == release.id and backend.is_running(svc):
+            continue
+        server.shell(  # -n: replace the `current` link itself (GNU and BSD ln)
+            name=f"Point the venv's current release at {release.id}",
+            commands=[f"ln -sfn releases/{shlex.quote(release.id)} {shlex.quote(p.venv)}"],
+        )
+        server.shell(name=f"(Re)start {svc.label}", commands=[backend.start_command(svc)],
+                     **as_root(backend.sudo))
+        record_started(svc, desired)
 
 
 @deploy("Roll the server back to the previous release")

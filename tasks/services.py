@@ -15,6 +15,7 @@ from pyinfra import host
 
 from tasks.backends import select_backend
 from tasks.budget import prompt_cache_bytes
+from tasks.cluster import Cluster, ClusterError, check_hosts, parse, rank_services
 from tasks.common import RouteError, RoutePaths, paths, profile
 from tasks.proxy_args import proxy_argv
 from tasks.proxy_artifact import ARTIFACT
@@ -99,7 +100,32 @@ def base_env(p: RoutePaths) -> dict[str, str]:
     }
 
 
+def host_cluster() -> Cluster | None:
+    """This host's cluster (cluster_* data), checked against the inventory; None:
+    a single server."""
+    try:
+        cluster = parse(host.data, host.name)
+        if cluster is not None:
+            check_hosts(cluster, host.name, [h.name for h in host.inventory])
+        return cluster
+    except ClusterError as exc:
+        raise RouteError(str(exc)) from None
+
+
+def cluster_dir(p: RoutePaths) -> str:
+    """Where the cluster's hostfiles live on each of its hosts."""
+    return posixpath.join(p.route_home, "cluster")
+
+
+def serves_http() -> bool:
+    """This host runs the HTTP side (rank 0, or no cluster): the proxy, route.json, the suite."""
+    cluster = host_cluster()
+    return cluster is None or 0 in cluster.local_ranks(host.name)
+
+
 def route_services() -> dict[str, Service]:
+    """The server and the proxy; on a cluster host, its ranks' servers (rank 0
+    is `server`) and the proxy only where rank 0 runs (tasks/cluster.py)."""
     p = paths()
     prof = profile()
     label = host.data.service_label_prefix
@@ -126,8 +152,18 @@ def route_services() -> dict[str, Service]:
         interactive=True,
         **common,
     )
+    cluster = host_cluster()
+    if cluster is not None:
+        ranks = rank_services(cluster, server, host.name, cluster_dir(p), label, p.logs_dir)
+        if SERVER not in ranks:
+            return ranks
+        server = ranks[SERVER]
+        others = {name: svc for name, svc in ranks.items() if name != SERVER}
+    else:
+        others = {}
     return {
         SERVER: server,
+        **others,
         PROXY: Service(
             name=PROXY,
             label=f"{label}.{PROXY}",
