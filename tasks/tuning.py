@@ -5,8 +5,8 @@
   on a 512 GB Mac needs more. Computed from hw.memsize and the profile's size,
   applied now, and re-applied at every boot by a root LaunchDaemon.
 - pmset: never sleep, restart by itself after a power loss.
-- launchd's open-files limit (default soft limit 256: the seed's Terminal-Bench
-  run died of "Too many open files"), now and at every boot: the only system
+- launchd's open-files limit (default soft limit 256: the field report's
+  Terminal-Bench run died of "Too many open files"), now and at every boot: the only system
   file limits the deploy sets. The services raise their own soft limit in
   their launcher (files/route_run.py), not with NumberOfFiles keys, which in a
   LaunchDaemon would also set kern.maxfiles/kern.maxfilesperproc.
@@ -142,7 +142,7 @@ def tune_host():
     if not is_macos():
         return
     warn_filevault()  # whether or not the host is tuned
-    if not host.data.get("host_tuning_enabled", True):
+    if not host.data.host_tuning_enabled:
         return
     version = host.get_fact(MacosVersion) or "0"
     limit = wired_limit_mb()

@@ -306,7 +306,7 @@ def markdown(data: dict, runs: list[dict]) -> str:
         "",
         "Prefill is the time to the first streamed token; decode is the rest of the wall "
         "(output tokens after the first over that time). `total tok/s` is all tokens over "
-        "the wall, the seed's figure for its needle probe. These are direct endpoint "
+        "the wall, the field report's figure for its needle probe. These are direct endpoint "
         "probes, not an agent benchmark.",
         "",
         "| Probe | Prompt tokens | Cached | Output tokens | Wall (s) | TTFT (s) | "
@@ -341,7 +341,7 @@ def markdown(data: dict, runs: list[dict]) -> str:
                      f"**{'PASS' if v['ok'] else 'FAIL'}**.")
     lines += ["", "![cold vs cached follow-up](prefix_cache.png)", "",
               "## Memory", "",
-              "Three different things, kept apart (the seed saw ~368 GB on disk, ~395 GB MLX "
+              "Three different things, kept apart (the field report saw ~368 GB on disk, ~395 GB MLX "
               "peak and ~309 GB RSS for the same model).", "",
               "| What | Value | How |", "|---|---|---|",
               f"| Weights on disk | {gib(disk['apparent_bytes'])} ({disk['files']} files; "

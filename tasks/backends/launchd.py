@@ -6,7 +6,7 @@
             with nobody logged in, so the route comes back by itself after an
             OS update and reboot. Needs root (the SSH user is an admin: sudo).
   "gui"     ~/Library/LaunchAgents in gui/<uid>: only while that user is
-            logged in at the console (the seed's setup, loaded by hand).
+            logged in at the console (the field report's setup, loaded by hand).
   "user"    ~/Library/LaunchAgents in user/<uid> with LimitLoadToSessionType
             Background: works over SSH, but exists only while the user has a
             session, so it does not start after an unattended reboot.
@@ -37,7 +37,7 @@ LAUNCHCTL = "/bin/launchctl"
 
 
 def launchd_domain_kind() -> str:
-    kind = host.data.get("service_launchd_domain") or "system"
+    kind = host.data.service_launchd_domain
     if kind not in DOMAINS:
         raise RouteError(
             f"{host.name}: service_launchd_domain {kind!r} is not one of {', '.join(DOMAINS)}; "

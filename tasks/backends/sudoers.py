@@ -18,7 +18,8 @@ def sudoers_path() -> str:
 
 def sudoers_rule(user: str, command: str) -> str:
     """One NOPASSWD rule for exactly `command` (an absolute path and its arguments)."""
-    return ("# mlx-route: the proxy's watchdog restarts a stuck server (tasks/backends/sudoers.py)\n"
+    return ("# mlx-route: the proxy's watchdog restarts a stuck server "
+            "(tasks/backends/sudoers.py)\n"
             f"{user} ALL=(root) NOPASSWD: {command}\n")
 
 

@@ -1,4 +1,5 @@
-"""Trust gates: what the seed checked by hand before trusting the route (section 9).
+"""Trust gates: what the field report checked by hand before trusting the route
+(docs/field-report.md, "Trust gates").
 
 Every request goes through the proxy, as clients use it, with the key when one
 is set; prompts and limits are the profile's `gates` (route.json). Walls are
@@ -21,7 +22,7 @@ import time
 
 import pytest
 
-PROXY_CLIENT_MODEL = "openai/glm52"  # what LiteLLM / Terminal-Bench send (seed, section 8)
+PROXY_CLIENT_MODEL = "openai/glm52"  # what LiteLLM / Terminal-Bench send (docs/field-report.md)
 LEAKS = ("<think>", "</think>", "<tool_call>", "<tool_response>")
 REASONING_FIELDS = ("reasoning", "reasoning_content", "thinking")
 
@@ -213,7 +214,7 @@ def test_hermes_child_agent_completes_small_tasks(host, route, gates, record_pro
                         "gate has not passed")
         if not provider:
             pytest.skip("NOT RUN: the profile's gates name no hermes_provider for this route "
-                        "(the seed's was m3u-glm52-8026); the Hermes gate has not passed")
+                        "(the field report named one for its route); the Hermes gate has not passed")
         where = "this workstation"
 
         def hermes_chat(query: str):

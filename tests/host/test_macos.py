@@ -74,7 +74,7 @@ def test_service_plist_is_valid_and_owned_as_launchd_requires(mac, route, name):
     plist = plist_json(mac, path)
     assert plist["Label"] == route["services"][name]
     assert plist["RunAtLoad"] is True and plist["KeepAlive"] is True
-    # launchd's default soft limit of 256 open files killed the seed's benchmark run: the
+    # launchd's default soft limit of 256 open files killed the field report's benchmark run: the
     # launcher raises it; NumberOfFiles keys would also set the system-wide kern.maxfiles
     argv = plist["ProgramArguments"]
     assert "--" in argv and argv[1].endswith("/route_run.py"), argv

@@ -9,7 +9,7 @@ import shlex
 
 import pytest
 
-PROXY_CLIENT_MODEL = "openai/glm52"  # what LiteLLM / Terminal-Bench send (seed, section 8)
+PROXY_CLIENT_MODEL = "openai/glm52"  # what LiteLLM / Terminal-Bench send (docs/field-report.md)
 
 
 def listening(host, port: int) -> set[str]:

@@ -50,7 +50,8 @@ def test_no_import_inside_a_function_or_class():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 inside += [f"{path.relative_to(REPO)}:{sub.lineno} {ast.unparse(sub)}"
-                           for sub in ast.walk(node) if isinstance(sub, (ast.Import, ast.ImportFrom))]
+                           for sub in ast.walk(node)
+                           if isinstance(sub, (ast.Import, ast.ImportFrom))]
     assert inside == [], "imports belong at the top of the module:\n" + "\n".join(inside)
 
 
@@ -109,7 +110,8 @@ def test_every_tasks_module_imports_first():
     """Each module imported first into a fresh `tasks` package (one interpreter:
     pyinfra stays loaded, tasks/ is forgotten before each): what `python -c
     "import tasks.x"` does, for every x, in under a second of CPU."""
-    out = subprocess.run([sys.executable, "-c", IMPORT_EACH_FIRST, json.dumps(list(task_modules()))],
+    order = json.dumps(list(task_modules()))
+    out = subprocess.run([sys.executable, "-c", IMPORT_EACH_FIRST, order],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {}, out.stdout

@@ -59,7 +59,7 @@ def test_patched_mlx_lm_loads_it_with_one_cache_slot_on_shared_layers(
 def test_shared_layers_reuse_top_k_instead_of_attending_densely(
     patched_mlx_site, tiny_glm_dir, tmp_path
 ):
-    """Dense shared layers (the seed's patches A-C) agree below index_topk and
+    """Dense shared layers (the field report's patches A-C) agree below index_topk and
     not above it: proof that the fixture exercises IndexShare at all."""
     for tokens, same in ((SHORT, True), (LONG, False)):
         _, share = probe(patched_mlx_site, tiny_glm_dir, tmp_path, tokens, name="share")

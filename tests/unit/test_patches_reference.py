@@ -78,7 +78,7 @@ def test_patched_mlx_lm_matches_transformers_prefill_and_decode(
 def test_dense_shared_layers_disagree_with_transformers_past_topk(
     patched_mlx_site, tiny_glm_dir, tmp_path
 ):
-    """The seed's A-C behaviour is measurably wrong: the comparison above can fail."""
+    """The field report's patches A-C is measurably wrong: the comparison above can fail."""
     reference = torch_logits(tiny_glm_dir, LONG)
     _, dense = probe(patched_mlx_site, tiny_glm_dir, tmp_path, LONG, "--dense-shared")
     assert rel_err(dense["prefill"], reference) > 100 * TOLERANCE

@@ -164,7 +164,7 @@ def test_proxy_stops_generation_when_streaming_client_leaves(proxy, upstream_stu
 
 
 def test_proxy_stops_generation_when_non_streaming_client_times_out(proxy, upstream_stub):
-    """The seed's wedge: a client timeout left the server generating for minutes."""
+    """The field report's wedge: a client timeout left the server generating for minutes."""
     with pytest.raises(openai.APITimeoutError):
         client(proxy, timeout=0.5).chat.completions.create(
             model="m", messages=CHAT, extra_body={"stub": {"tokens": 1000, "delay_s": 0.01}})

