@@ -260,6 +260,10 @@ service_nofile = 65536
 # Seconds a crashed service waits before it is started again.
 service_restart_delay_s = 5
 
+# Seconds a stopping service has after SIGTERM before it is killed (launchd
+# ExitTimeOut, systemd TimeoutStopSec, supervisor stopwaitsecs).
+service_stop_timeout_s = 30
+
 # launchd only (macOS): the domain the services are loaded into.
 #   "system"  LaunchDaemons in /Library/LaunchDaemons running as route_user
 #             (UserName): they start at boot with nobody logged in, so the

@@ -25,6 +25,7 @@ class Service:
     stderr: str
     nofile: int
     restart_delay: int
+    stop_timeout_s: int  # after SIGTERM, before SIGKILL
     # Each log rotated at this size (MB), this many rotated copies kept: the
     # total stays under (log_keep + 1) x log_max_mb per log.
     log_max_mb: int

@@ -140,6 +140,7 @@ def route_services() -> dict[str, Service]:
         workdir=p.home,
         nofile=int(host.data.service_nofile),
         restart_delay=int(host.data.service_restart_delay_s),
+        stop_timeout_s=int(host.data.service_stop_timeout_s),
         log_max_mb=int(host.data.service_log_max_mb),
         log_keep=int(host.data.service_log_keep),
     )

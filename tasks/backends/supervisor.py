@@ -94,6 +94,9 @@ class SupervisorBackend:
                 conf_d=self.conf_d,
                 home=self.home,
                 nofile=self.nofile(),
+                # supervisord's own log is rotated as the services' are
+                log_max_mb=int(host.data.service_log_max_mb),
+                log_keep=int(host.data.service_log_keep),
             )),
             dest=self.conf,
         )

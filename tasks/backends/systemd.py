@@ -7,7 +7,7 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.facts.systemd import SystemdStatus
-from pyinfra.operations import files, server
+from pyinfra.operations import files, systemd
 
 from tasks.as_user import as_root, other_route_user
 from tasks.backends.sudoers import watchdog_rule
@@ -84,8 +84,9 @@ class SystemdBackend:
         return f"systemctl stop {shlex.quote(svc.label + '.service')} || true"
 
     def restart(self, svc: Service) -> None:
-        server.shell(name=f"(Re)start the {svc.name} under systemd",
-                     commands=[self.start_command(svc)], **as_root(self.sudo))
+        systemd.service(name=f"(Re)start the {svc.name} under systemd",
+                        service=f"{svc.label}.service", running=True, restarted=True,
+                        enabled=True, daemon_reload=True, **as_root(self.sudo))
 
     def running_check(self, svc: Service) -> tuple[str, str]:
         return f"systemctl is-active {shlex.quote(svc.label + '.service')}", r"^active$"

@@ -114,7 +114,8 @@ def server(**kw) -> Service:
     return Service(name="server", label="org.mlxroute.server", description="mlx_lm.server",
                    argv=["py", "-m", "mlx_lm.server", "--port", "8025"], env={"HOME": "/h"},
                    workdir="/h", stdout="/l/server.out.log", stderr="/l/server.err.log",
-                   nofile=65536, restart_delay=5, log_max_mb=50, log_keep=5, interactive=True)
+                   nofile=65536, restart_delay=5, stop_timeout_s=30, log_max_mb=50,
+                   log_keep=5, interactive=True)
 
 
 def test_each_rank_is_the_server_with_its_rank_environment():

@@ -27,7 +27,8 @@ def service(**over) -> Service:
         argv=list(ARGV), env={"HOME": "/Users/me", "PATH": "/opt/homebrew/bin:/usr/bin:/bin",
                               "HF_HUB_CACHE": "/Users/me/hf cache"},
         workdir="/Users/me", stdout="/Users/me/logs/server.out.log",
-        stderr="/Users/me/logs/server.err.log", nofile=65536, restart_delay=7, interactive=True,
+        stderr="/Users/me/logs/server.err.log", nofile=65536, restart_delay=7, stop_timeout_s=45,
+        interactive=True,
         log_max_mb=50, log_keep=5,
     )
     return Service(**(fields | over))
@@ -49,7 +50,7 @@ def test_launchdaemon_plist_round_trips_the_description():
         "RunAtLoad": True,
         "KeepAlive": True,
         "ThrottleInterval": 7,
-        "ExitTimeOut": 30,
+        "ExitTimeOut": 45,
         "ProcessType": "Interactive",
         # no ResourceLimits (they would set kern.maxfiles in a LaunchDaemon) and no
         # StandardOutPath/StandardErrorPath (launchd's file, never reopened): the

@@ -121,6 +121,7 @@ def run_supervisord(tmp_path: Path, command: list[str]) -> subprocess.Popen:
     conf.write_text(render(
         "supervisor/supervisord.conf.j2", sock=tmp_path / "s.sock", pidfile=tmp_path / "s.pid",
         logfile=tmp_path / "supervisord.log", conf_d=conf_d, home=tmp_path, nofile=1024,
+        log_max_mb=10, log_keep=3,
     ))
     return subprocess.Popen([str(BIN / "supervisord"), "-n", "-c", str(conf)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,

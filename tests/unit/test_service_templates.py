@@ -32,6 +32,7 @@ def make_service(tmp_path, argv=ARGV) -> Service:
         argv=list(argv), env={"HOME": str(tmp_path), "HF_HUB_CACHE": f"{tmp_path}/hf cache"},
         workdir=str(tmp_path), stdout=f"{tmp_path}/server.out.log",
         stderr=f"{tmp_path}/server.err.log", nofile=4096, restart_delay=5,
+        stop_timeout_s=42,
         log_max_mb=50, log_keep=5,
     )
 
@@ -53,9 +54,12 @@ def supervisor_program(tmp_path, svc: Service):
     conf.write_text(render(
         "supervisor/supervisord.conf.j2", sock=tmp_path / "s.sock", pidfile=tmp_path / "s.pid",
         logfile=tmp_path / "s.log", conf_d=conf_d, home=tmp_path, nofile=1024,
+        log_max_mb=7, log_keep=2,
     ))
     options = ServerOptions()
     options.realize(["-c", str(conf)])
+    # supervisord's own log is rotated as the services' logs are
+    assert (options.logfile_maxbytes, options.logfile_backups) == (7 * 1048576, 2)
     (group,) = options.process_group_configs
     (program,) = group.process_configs
     return program
@@ -71,6 +75,7 @@ def test_supervisor_program_gives_back_the_exact_argv_and_environment(tmp_path):
     assert program.directory == svc.workdir
     assert program.autorestart is not False
     assert program.stdout_logfile == svc.stdout
+    assert program.stopwaitsecs == svc.stop_timeout_s == 42
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
@@ -83,6 +88,7 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path):
     assert result.returncode == 0 and result.stderr == "", result.stderr
     text = unit.read_text()
     assert "LimitNOFILE=4096" in text and "Restart=always" in text
+    assert "TimeoutStopSec=42" in text.splitlines()
     # the launcher writes the logs: systemd opens no log file the service would keep
     (exec_start,) = [line for line in text.splitlines() if line.startswith("ExecStart=")]
     assert exec_start.startswith(f"ExecStart={sys.executable} {REPO}/files/route_run.py "

@@ -96,7 +96,7 @@ class Route:
             stdout, stderr = logs / "supervisor.out.log", logs / "supervisor.err.log"
         svc = Service(name="server", label="org.mlxroute.server", description="test server",
                       argv=argv, env=env, workdir=str(REPO), stdout=str(stdout),
-                      stderr=str(stderr), nofile=1024, restart_delay=1,
+                      stderr=str(stderr), nofile=1024, restart_delay=1, stop_timeout_s=30,
                       log_max_mb=50, log_keep=2, interactive=True)
         conf_d = tmp_path / "conf.d"
         conf_d.mkdir()
@@ -104,7 +104,7 @@ class Route:
         self.conf.write_text(render(
             "supervisor/supervisord.conf.j2", sock=tmp_path / "s.sock",
             pidfile=tmp_path / "s.pid", logfile=logs / "supervisord.log", conf_d=conf_d,
-            home=tmp_path, nofile=1024,
+            home=tmp_path, nofile=1024, log_max_mb=10, log_keep=3,
         ))
         self.supervisord = subprocess.Popen(
             [str(BIN / "supervisord"), "-n", "-c", str(self.conf)],
