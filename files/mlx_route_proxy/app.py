@@ -15,7 +15,8 @@ from aiohttp import ClientError, web
 from . import metrics as metrics_mod
 from .admission import Gate, QueueFull
 from .metrics import GENERATION_PATHS, Metrics
-from .sse import Assembler, BadUpstream, EventSplitter, dumps, event_data, loads, rename_event
+from .sse import (Assembler, BadUpstream, EventSplitter, dumps, dumps_text, event_data, loads,
+                  rename_event)
 from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
 from .watchdog import Watchdog
 
@@ -31,7 +32,9 @@ STRIPPED_FIELDS = ("model", "draft_model", "adapters")
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 OPEN_PATHS = ("/health",)  # answered without the key (with less detail)
-DONE_GRACE_S = 0.5  # after [DONE], how long the upstream may take to end its message
+# After [DONE] the client gets its answer at once; the upstream has this long
+# to end its message before its connection is closed instead of reused.
+DONE_GRACE_S = 0.5
 
 
 class UpstreamUnavailable(Exception):
@@ -44,9 +47,14 @@ class StreamCut(ConnectionError):
     """The upstream's stream ended before `data: [DONE]`."""
 
 
+def json_response(data, status: int = 200, headers: dict | None = None) -> web.Response:
+    """aiohttp's json_response with the module's encoder (the same text, sooner)."""
+    return web.json_response(data, status=status, headers=headers, dumps=dumps_text)
+
+
 def error(status: int, message: str, kind: str, headers: dict | None = None) -> web.Response:
     """An OpenAI-shaped error, which the openai SDK turns into a typed exception."""
-    return web.json_response({"error": {"message": message, "type": kind, "code": status}},
+    return json_response({"error": {"message": message, "type": kind, "code": status}},
                              status=status, headers=headers)
 
 
@@ -370,7 +378,7 @@ class Proxy:
             if conn is not None:
                 conn.abort(reset=True)
             raise
-        self.pool.release(conn)
+        self.pool.release_later(conn, DONE_GRACE_S)  # on_body may stop at [DONE]
         if conn.status != 200 and (conn.status >= 500 or b"generation thread died" in raw):
             self.metrics.upstream_error(f"status_{conn.status}")
             raise UpstreamUnavailable(f"upstream answered {conn.status}: "
@@ -385,7 +393,7 @@ class Proxy:
         except ValueError:
             payload = None
         if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
-            return web.json_response(payload, status=status)
+            return json_response(payload, status=status)
         if isinstance(payload, dict) and isinstance(payload.get("error"), str):
             message = payload["error"]
         else:
@@ -461,7 +469,7 @@ class Proxy:
         self.mark_ok()
         if isinstance(reply, dict) and "model" in reply:
             reply["model"] = name
-        return web.json_response(reply)
+        return json_response(reply)
 
     async def forward_assembled(self, path, body, name) -> web.Response:
         body["stream"] = True
@@ -473,10 +481,11 @@ class Proxy:
         splitter = EventSplitter()
         state = {"done": False, "bad": None}
 
-        def parse(piece: bytes) -> None:
+        def parse(piece: bytes) -> bool:
+            """Takes the events in piece; true once [DONE] came (the rest is not needed)."""
             self.last_upstream_activity = self.now()
             if state["done"] or state["bad"] is not None:
-                return
+                return False
             try:
                 if (piece.startswith(b"data: ") and piece.endswith(b"\n\n")
                         and piece.find(b"\n") == len(piece) - 2 and not splitter.pending):
@@ -489,7 +498,7 @@ class Proxy:
                         continue
                     if payload == b"[DONE]":
                         state["done"] = True
-                        return
+                        return True
                     self.last_ok = self.now()  # tokens are coming: the upstream is healthy
                     try:
                         chunk = loads(payload)
@@ -498,6 +507,7 @@ class Proxy:
                     assembler.add(chunk)
             except BadUpstream as e:
                 state["bad"] = e
+            return False
 
         resp, raw = await self.exchange(path, body, parse)
         if resp.status != 200:
@@ -510,7 +520,7 @@ class Proxy:
             raise StreamCut("the upstream stream ended before [DONE]")
         if assembler.error is not None:
             return error(502, f"upstream error: {assembler.error}", "upstream_error")
-        return web.json_response(assembler.reply())
+        return json_response(assembler.reply())
 
     async def handle_models(self, request: web.Request) -> web.Response:
         # Our own answer: mlx_lm.server lists its HF cache and local paths (and
@@ -520,11 +530,11 @@ class Proxy:
                  "owned_by": "mlx-route"}
         wanted = request.match_info.get("name")
         if wanted is None:
-            return web.json_response({"object": "list", "data": [entry]})
+            return json_response({"object": "list", "data": [entry]})
         if wanted != self.args.public_name:
             return error(404, f"no model {wanted!r}; this proxy serves "
                          f"{self.args.public_name!r}", "invalid_request_error")
-        return web.json_response(entry)
+        return json_response(entry)
 
     async def handle_health(self, request: web.Request) -> web.Response:
         # Open without a key so supervisors and load balancers can ask: then it
@@ -548,11 +558,11 @@ class Proxy:
                 fresh = self.ready
         if fresh:
             body = {"status": "ok", "upstream": self.upstream} if trusted else {"status": "ok"}
-            return web.json_response(body)
+            return json_response(body)
         body = {"status": "unavailable"}
         if trusted:
             body.update(upstream=self.upstream, problem=self.last_problem)
-        return web.json_response(body, status=503, headers=self.retry_headers())
+        return json_response(body, status=503, headers=self.retry_headers())
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         text = self.metrics.render(self.gate.active, len(self.gate.waiters), self.ready)

@@ -34,6 +34,28 @@ def _finite(text: str) -> float:
 
 
 _DECODER = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+# The decoder's own scanner (the C one), called directly: JSONDecoder.decode
+# adds two regular-expression matches and two calls around it, a fair part of
+# the proxy's JSON time (four documents a request). The scanner clears its
+# memo itself after each call.
+_SCAN = _DECODER.scan_once
+
+
+def _c_encoder():
+    """json.dumps() with its defaults, without building an encoder for every call
+    (None without the C accelerator, or if its signature ever changes). No check
+    for circular references: everything encoded here came from loads()."""
+    try:
+        encode = json.encoder.c_make_encoder(
+            None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii, None,
+            ": ", ", ", False, False, True)
+        probe = {"a": [1, 2.5, None, True, "\u00e9"], 1: {}}
+        return encode if "".join(encode(probe, 0)) == json.dumps(probe) else None
+    except TypeError:  # no C encoder (None), or other arguments
+        return None
+
+
+_ENCODE = _c_encoder()
 
 
 def loads(raw: bytes | str):
@@ -42,13 +64,24 @@ def loads(raw: bytes | str):
     try:
         if isinstance(raw, (bytes, bytearray)):
             raw = raw.decode("utf-8")
-        return _DECODER.decode(raw)
+        try:  # the usual document: one value, no whitespace around it
+            value, end = _SCAN(raw, 0)
+            if end == len(raw):
+                return value
+        except (StopIteration, ValueError):
+            pass
+        return _DECODER.decode(raw)  # the rest, and the error with its position
     except RecursionError:
         raise ValueError("nested too deeply") from None
 
 
+def dumps_text(obj) -> str:
+    """The text json.dumps(obj) gives."""
+    return "".join(_ENCODE(obj, 0)) if _ENCODE is not None else json.dumps(obj)
+
+
 def dumps(obj) -> bytes:
-    return json.dumps(obj).encode()
+    return dumps_text(obj).encode()
 
 
 # -- splitting -----------------------------------------------------------------

@@ -79,6 +79,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.error: BaseException | None = None
         self.want = "head"            # what wakes the reader: head, some, all
         self.listener = None          # called with each decoded piece (read_all)
+        self.enough = False           # the listener has what it needs: read_all returns
+        self.settled = None           # called once the answer ends (Upstream.release_later)
         self.paused = False
         self.busy = False             # a request is out and its answer not complete
 
@@ -176,23 +178,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.first_byte_timer = None
 
     def on_body(self, body: bytes) -> None:
-        if not self.complete:
-            self.take(body)
+        if not self.complete and body:
+            self.body.append(body)
+            self.body_size += len(body)
+            if self.listener is not None and self.listener(body) and self.status == 200:
+                self.enough = True  # (an error answer is read to its end: it is the message)
+            if self.want == "some" and self.body_size > HIGH_WATER and not self.paused:
+                self.paused = True
+                self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
         if not self.in_head:
             self.complete = True
-
-    def take(self, piece: bytes) -> None:
-        if not piece:
-            return
-        self.body.append(piece)
-        self.body_size += len(piece)
-        if self.listener is not None:
-            self.listener(piece)
-        if self.want == "some" and self.body_size > HIGH_WATER and not self.paused:
-            self.paused = True
-            self.transport.pause_reading()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
@@ -201,13 +198,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.wake(force=True)
 
     def wake(self, force: bool = False) -> None:
+        if self.settled is not None and (self.complete or self.error is not None):
+            settled, self.settled = self.settled, None
+            settled()
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
         want = self.want
         if (force or self.complete or self.error is not None
                 or (want == "head" and not self.in_head)
-                or (want == "some" and self.body)):
+                or (want == "some" and self.body)
+                or (want == "all" and self.enough)):
             waiter.set_result(None)
 
     # -- reading ------------------------------------------------------------
@@ -244,13 +245,20 @@ class UpstreamConnection(asyncio.Protocol):
         return data
 
     async def read_all(self, on_body=None) -> bytes:
-        """The whole body, waking once; on_body sees each piece as it arrives."""
+        """The whole body, waking once; on_body sees each piece as it arrives.
+
+        When on_body returns true (it has what it needs: the `[DONE]` event) the
+        wait ends before the upstream ends its message, and the caller hands the
+        connection to Upstream.release_later: the answer goes to the client one
+        upstream write sooner.
+        """
         if on_body is not None:
             for piece in self.body:
-                on_body(piece)
+                if on_body(piece) and self.status == 200:
+                    self.enough = True
             self.listener = on_body
         try:
-            while not self.complete:
+            while not self.complete and not self.enough:
                 if self.error is not None:
                     raise self.error
                 await self.wait("all")
@@ -366,6 +374,20 @@ class Upstream:
             self.idle.append(conn)
         else:
             conn.abort()
+
+    def release_later(self, conn: UpstreamConnection, grace_s: float) -> None:
+        """release() once the answer ends, for a caller that stopped reading early
+        (read_all's on_body had what it needed); closed if the end takes over grace_s."""
+        if conn.complete or conn.error is not None or conn.closed:
+            self.release(conn)
+            return
+        timer = conn.loop.call_later(grace_s, conn.abort)
+
+        def settled() -> None:
+            timer.cancel()
+            self.release(conn)
+
+        conn.settled = settled
 
     def close(self) -> None:
         for conn in self.idle:
