@@ -133,9 +133,13 @@ def test_client_drops_a_connection_that_talks_out_of_turn():
 
 
 class KeepAliveServer:
-    """Answers every request on a connection with a fixed chunked answer; counts connections."""
+    """Answers every request on a connection with a fixed chunked answer; counts connections.
+
+    `pause_s`: how long it waits between the `[DONE]` event and the end of the message.
+    """
 
     def __init__(self):
+        self.pause_s = 0.0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -167,24 +171,41 @@ class KeepAliveServer:
                 while len(data) < length:
                     data += conn.recv(65536)
                 data = data[length:]
-                conn.sendall(CHUNKED)
+                end = CHUNKED.index(b"0\r\nX-Trailer")
+                conn.sendall(CHUNKED[:end])
+                time.sleep(self.pause_s)
+                conn.sendall(CHUNKED[end:])
 
 
 def test_client_reuses_a_kept_alive_connection():
+    """Also after a reader that stopped at [DONE] (the proxy's non-streaming
+    answers): the connection goes back to the pool when the message ends, and
+    is closed when the end does not come within the grace time."""
     server = KeepAliveServer()
 
-    async def two_requests():
+    async def requests():
         pool = proxy.Upstream(f"http://127.0.0.1:{server.port}", 5, keep=2)
-        bodies = []
-        for _ in range(2):
+        bodies, ended = [], []
+        for pause_s, grace_s in ((0, None), (0.1, 5), (0, None), (1, 0.05), (0, None)):
+            server.pause_s = pause_s
             conn = await pool.post("/v1/chat/completions", b"{}", wait_head=False)
-            bodies.append(await conn.read_all())
-            pool.release(conn)
+            if grace_s is None:
+                bodies.append(await conn.read_all())
+                pool.release(conn)
+                continue
+            # stops at [DONE], before the end of the message
+            bodies.append(await conn.read_all(lambda piece: b"[DONE]" in piece))
+            ended.append(conn.complete)
+            pool.release_later(conn, grace_s)
+            await asyncio.sleep(0.15)  # the end came (or the grace ran out)
         pool.close()
-        return bodies
+        return bodies, ended
 
-    assert asyncio.run(two_requests()) == [CHUNKED_BODY, CHUNKED_BODY]
-    assert server.connections == 1
+    bodies, ended = asyncio.run(requests())
+    assert bodies == [CHUNKED_BODY] * 5
+    assert ended == [False, False]
+    # one connection until the end failed to come in time; then a new one
+    assert server.connections == 2
     server.sock.close()
 
 
