@@ -5,7 +5,7 @@
 
 Modules: cli (flags, logging, the server loop), app (handlers, the key check
 and readiness), admission (concurrency and queue), upstream (the HTTP/1.1
-client on h11), sse (splitting, renaming and assembling events, strict JSON),
+client on httptools), sse (splitting, renaming and assembling events, strict JSON),
 metrics (Prometheus counters and their middleware).
 
 What it does, and why (mlx-lm 0.32.2 behaviour, see mlx_lm/server.py):
