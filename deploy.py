@@ -6,7 +6,7 @@
 from tasks.as_user import route_user_args
 from tasks.foreign import retire_services
 from tasks.manifest import write_manifest
-from tasks.model import fetch_model
+from tasks.model import fetch_models
 from tasks.patches import apply_patches
 from tasks.probes import probe_route
 from tasks.proxy import start_proxy
@@ -24,7 +24,7 @@ as_route = route_user_args()
 
 build_release(**as_route)  # 1. a pinned Python environment, built beside the running one
 tune_host()  # 2. memory, sleep and file limits (macOS): no sleep before the download
-fetch_model(**as_route)  # 3. the weights, downloaded (or adopted) and checked
+fetch_models(**as_route)  # 3. the weights of each served profile, downloaded (or adopted) and checked
 apply_patches(**as_route)  # 4. the mlx-lm source patches for GLM-5.2, into the new release
 retire_services()  # 5. what holds the ports: stop if data retires it, else refuse
 start_server(**as_route)  # 6. mlx_lm.server switched to the release: smoke, start, rollback

@@ -167,6 +167,28 @@ server_prompt_cache_fraction = 0.5
 server_restart_strategy = "auto"
 
 # --------------------------------------------------------------------------
+# route_profiles, route_aliases: several models on one host, one front door
+# (tasks/profiles.py; the proxy routes by the model name a client sends)
+# --------------------------------------------------------------------------
+
+# The profiles this host serves, each its own mlx_lm.server on its own port:
+# {profile (a key of model_profiles): server port}, e.g.
+# {"glm-5.2-mxfp4": 8025, "qwen3-30b": 8012}. model_profile must be one of
+# them, on server_port: it is the service `<prefix>.server` and what the
+# smoke, the gates and the probes check; every other profile is the service
+# `<prefix>.server-<profile>`, its weights in model_root/<profile>. The memory
+# budget counts every model and its prompt cache and refuses a set that does
+# not fit together. Not with cluster_ranks. None: model_profile alone on
+# server_port, and the proxy sends any model name to it.
+route_profiles = None
+
+# More names clients may send for a served profile, beside its public_name:
+# {client name: profile}, e.g. {"openai/glm52": "glm-5.2-mxfp4", "glm52":
+# "glm-5.2-mxfp4", "qwen": "qwen3-30b"}. With several profiles a name that is
+# neither gets 404 listing the names served; with one, any name goes to it.
+route_aliases = {}
+
+# --------------------------------------------------------------------------
 # cluster_*: one model served by several ranks (MLX's distributed engine,
 # tasks/cluster.py): give these keys to the cluster's hosts (an inventory group)
 # --------------------------------------------------------------------------

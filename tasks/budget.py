@@ -10,8 +10,12 @@
              runs (ranks here / ranks in all: an even split of the weights)
     - route  host_memory_route_gib: the proxy, the service manager, the deploy's tools
     - others host_other_services: other model services that stay up beside
+    - more   the other profiles this host serves (route_profiles,
+             tasks/profiles.py): each size_gib x host_memory_model_overhead
     - cache  --prompt-cache-bytes: server_prompt_cache_fraction of what is left,
-             never below the profile's own value
+             never below the profile's own value; with several profiles each
+             gets its own floor plus an even share of the fraction of what is
+             left above the floors
     = free   what stays unused while the route serves
 
 A second copy of the model (the smoke generation beside the running server)
@@ -31,6 +35,7 @@ from pyinfra.api import FactBase
 
 from tasks.cluster import ClusterError, parse
 from tasks.common import RouteError, profile
+from tasks.profiles import served
 
 GiB = 2**30
 STRATEGIES = ("auto", "overlap", "stop-first")
@@ -83,6 +88,8 @@ class Budget:
     others: tuple[tuple[str, float], ...]
     cache: float
     cache_floor: float
+    # the other profiles served beside (route_profiles): (profile, model GiB, its cache GiB)
+    extra: tuple[tuple[str, float, float], ...] = ()
 
     @property
     def memory(self) -> float:
@@ -92,7 +99,8 @@ class Budget:
 
     @property
     def free(self) -> float:
-        return self.memory - self.model - self.route - self.other_total - self.cache
+        return (self.memory - self.model - self.route - self.other_total - self.cache
+                - sum(model + cache for _, model, cache in self.extra))
 
     @property
     def other_total(self) -> float:
@@ -102,13 +110,22 @@ class Budget:
     def second_copy_fits(self) -> bool:
         return self.free >= self.model
 
+    def model_of(self, name: str | None) -> tuple[float, float]:
+        """(model GiB, prompt cache GiB) of a served profile; None: model_profile."""
+        for profile_name, model, cache in self.extra:
+            if profile_name == name:
+                return model, cache
+        return self.model, self.cache
+
     def line(self) -> str:
         limit = (f"cgroup limit {self.cgroup:.2f}" if self.cgroup is not None
                  and self.cgroup < self.ram - self.headroom
                  else f"RAM {self.ram:.2f} - headroom {self.headroom:.2f}")
         others = "".join(f" - {label} {gib:.2f}" for label, gib in self.others)
+        more = "".join(f" - model {name} {model:.2f} - its prompt cache {cache:.2f}"
+                       for name, model, cache in self.extra)
         return (f"memory budget (GiB): {limit} = {self.memory:.2f}; model {self.model:.2f}"
-                f" - route {self.route:.2f}{others} - prompt cache {self.cache:.2f}"
+                f" - route {self.route:.2f}{others} - prompt cache {self.cache:.2f}{more}"
                 f" = free {self.free:.2f}; a second copy of the model "
                 f"{'fits' if self.second_copy_fits else 'does NOT fit'}")
 
@@ -133,16 +150,20 @@ def other_services(who: str, entries) -> tuple[tuple[str, float], ...]:
 
 
 def compute(ram_bytes: int, cgroup_bytes: int | None, prof: dict, data, who: str,
-            share: float = 1.0) -> Budget:
+            share: float = 1.0, extra: tuple[tuple[str, dict], ...] = ()) -> Budget:
     """The budget from the host's numbers and its data (a mapping with .get);
     `share` is the part of the weights this host holds (a cluster's ranks);
-    refuses, naming `who`, what cannot fit."""
+    `extra` the other profiles served beside, (name, profile); refuses, naming
+    `who`, what cannot fit."""
     fraction = data.get("server_prompt_cache_fraction")
     if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
                                  or not 0 < fraction <= 1):
         raise RouteError(f"{who}: server_prompt_cache_fraction must be in (0, 1] or None, "
                          f"got {fraction!r}: fix it in inventory.py or group_data/all.py")
-    floor = int(prof.get("server_args", {}).get("prompt-cache-bytes") or 0) / GiB
+    floor = cache_floor(prof)
+    overhead = _number(who, "host_memory_model_overhead", data.get("host_memory_model_overhead"))
+    more = tuple((name, _number(who, f"{name}'s size_gib", other["size_gib"]) * overhead,
+                  cache_floor(other)) for name, other in extra)
     partial = Budget(
         ram=ram_bytes / GiB,
         cgroup=cgroup_bytes / GiB if cgroup_bytes is not None and cgroup_bytes < ram_bytes
@@ -155,20 +176,36 @@ def compute(ram_bytes: int, cgroup_bytes: int | None, prof: dict, data, who: str
         others=other_services(who, data.get("host_other_services")),
         cache=0.0,
         cache_floor=floor,
+        extra=tuple((name, model, 0.0) for name, model, _ in more),
     )
     spare = partial.free
-    if spare < floor:
-        short = Budget(**{**partial.__dict__, "cache": floor})
+    floors = floor + sum(f for _, _, f in more)
+    if spare < floors:
+        short = Budget(**{**partial.__dict__, "cache": floor,
+                          "extra": tuple((n, m, f) for n, m, f in more)})
         part = f" ({share:.3g} of the weights: this host's cluster ranks)" if share < 1 else ""
+        what = (f"model profile {data.get('model_profile')!r}" if not more else
+                f"model profiles {[data.get('model_profile'), *(n for n, _, _ in more)]} "
+                "(route_profiles) together")
         raise RouteError(
-            f"{who}: model profile {data.get('model_profile')!r} does not fit in this host's "
-            f"memory{part}: {short.line().split('; a second')[0]} (the prompt cache at its floor, "
-            "the profile's prompt-cache-bytes). Use a smaller model_profile or a host with more "
-            "memory (or more cluster ranks), stop the services in host_other_services, or lower "
-            "host_memory_headroom_gib if the OS needs less"
+            f"{who}: {what} do{'es' if not more else ''} not fit in this host's "
+            f"memory{part}: {short.line().split('; a second')[0]} (each prompt cache at its "
+            "floor, the profile's prompt-cache-bytes). Use a smaller model_profile, fewer "
+            "route_profiles or a host with more memory (or more cluster ranks), stop the "
+            "services in host_other_services, or lower host_memory_headroom_gib if the OS "
+            "needs less"
         )
-    cache = floor if fraction is None else max(floor, fraction * spare)
-    return Budget(**{**partial.__dict__, "cache": cache})
+    if not more:
+        cache = floor if fraction is None else max(floor, fraction * spare)
+        return Budget(**{**partial.__dict__, "cache": cache})
+    share_each = 0.0 if fraction is None else fraction * (spare - floors) / (1 + len(more))
+    return Budget(**{**partial.__dict__, "cache": floor + share_each,
+                     "extra": tuple((n, m, f + share_each) for n, m, f in more)})
+
+
+def cache_floor(prof: dict) -> float:
+    """The profile's own --prompt-cache-bytes, in GiB (0 without one)."""
+    return int(prof.get("server_args", {}).get("prompt-cache-bytes") or 0) / GiB
 
 
 def memory_budget() -> Budget:
@@ -182,7 +219,11 @@ def memory_budget() -> Budget:
     except ClusterError as exc:
         raise RouteError(str(exc)) from None
     share = cluster.share(host.name) if cluster is not None else 1.0
-    budget = compute(limits["ram"], limits.get("cgroup"), profile(), host.data, host.name, share)
+    profiles = host.data.model_profiles
+    extra = tuple((s.profile, profiles[s.profile])
+                  for s in served(host.data, host.name) if not s.primary)
+    budget = compute(limits["ram"], limits.get("cgroup"), profile(), host.data, host.name, share,
+                     extra)
     if host.name not in _LOGGED:  # one line a host in the plan, however often it is read
         _LOGGED.add(host.name)
         logger.info(f"{host.name}: {budget.line()}; restart strategy: {restart_strategy(budget)}")
@@ -192,15 +233,17 @@ def memory_budget() -> Budget:
 _LOGGED: set[str] = set()
 
 
-def prompt_cache_bytes() -> int | None:
-    """--prompt-cache-bytes from the budget (None: the profile's flag stays as is)."""
+def prompt_cache_bytes(profile_name: str | None = None) -> int | None:
+    """--prompt-cache-bytes of a served profile (None: model_profile) from the budget
+    (None: the profile's flag stays as is)."""
     if host.data.server_prompt_cache_fraction is None:
         return None
-    return int(memory_budget().cache * GiB)
+    return int(memory_budget().model_of(profile_name)[1] * GiB)
 
 
-def restart_strategy(budget: Budget) -> str:
-    """"overlap" (smoke beside the running server) when a second copy fits, else "stop-first"."""
+def restart_strategy(budget: Budget, profile_name: str | None = None) -> str:
+    """"overlap" (smoke beside the running server) when a second copy of that profile's
+    model (None: model_profile) fits, else "stop-first"."""
     choice = host.data.server_restart_strategy
     if choice not in STRATEGIES:
         raise RouteError(f"{host.name}: server_restart_strategy {choice!r} is not one of "
@@ -209,7 +252,7 @@ def restart_strategy(budget: Budget) -> str:
         return choice
     if parse(host.data, host.name) is not None:
         return "stop-first"  # a cluster's ranks restart together: there is no second group
-    return "overlap" if budget.second_copy_fits else "stop-first"
+    return "overlap" if budget.free >= budget.model_of(profile_name)[0] else "stop-first"
 
 
 def wired_mb(budget: Budget) -> int:

@@ -4,7 +4,7 @@ A Mac set up by hand (the field report's) already runs its own LaunchAgents
 on the server and proxy ports (com.*.glm52-mlx-server on 8025,
 com.*.glm52-strip-proxy on 8026). A deploy that started beside them would
 fail late and obscurely, so the plan looks first: every listener on
-server_port and proxy_port that is not this route's own (its command line
+server_port, proxy_port (and route_profiles' ports) that is not this route's own (its command line
 names neither the route's releases nor route_home) stops the deploy, before
 anything runs, with its pid, command and launchd label or systemd unit;
 unless its label is in `service_retire`, which boots it out and disables it
@@ -24,6 +24,7 @@ from pyinfra.operations import server
 
 from tasks import launchctl
 from tasks.common import RouteError, is_macos, paths
+from tasks.profiles import served
 
 
 class PortListeners(FactBase):
@@ -66,7 +67,7 @@ def ours(args: str) -> bool:
 
 
 def foreign_listeners() -> list[dict]:
-    ports = (host.data.server_port, host.data.proxy_port)
+    ports = (host.data.proxy_port, *(which.port for which in served(host.data, host.name)))
     return [found for found in host.get_fact(PortListeners, ports=ports, darwin=is_macos()) or []
             if not ours(found["args"])]
 

@@ -30,6 +30,7 @@ from pyinfra.operations import files, python, server
 
 from tasks import as_user
 from tasks.common import RouteError, RoutePaths, is_macos, paths, profile, repo_file
+from tasks.profiles import data_for, served
 from tasks.wheelhouse import pip_source_args
 
 CHECKER = "check_weights.py"
@@ -272,3 +273,12 @@ def _convert(p: RoutePaths, prof: dict, cache: str) -> str:
         f"test -f \"$1\" || {{ echo {shlex.quote(missing)} >&2; exit 1; }}; "
         + " ".join('"$1"' if a == "$1" else shlex.quote(a) for a in argv)
     )
+
+
+def fetch_models(**kwargs) -> None:
+    """The weights of every profile this host serves (route_profiles): model_profile's,
+    then each other one's in model_root/<profile>, with the same download and checks."""
+    fetch_model(**kwargs)
+    for which in served(host.data, host.name)[1:]:
+        with data_for(host.data, which):
+            fetch_model(**kwargs)

@@ -33,7 +33,9 @@ from tasks.common import RouteError, fingerprint, paths, profile, repo_file
 from tasks.release import release_state, wanted_release
 from tasks.restarts import record_started, stamp_path
 from tasks.service_spec import SERVER
-from tasks.services import cluster_dir, host_cluster, maintenance_file, route_services
+from tasks.profiles import Served
+from tasks.services import (cluster_dir, host_cluster, maintenance_file, model_dir,
+                            route_services, served_profiles)
 
 def flag_value(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
@@ -57,15 +59,19 @@ def smoke_spec(argv: list[str], prof: dict, model_dir: str) -> dict:
 
 
 def switch_command(backend, svc, release: str, strategy: str, staged: str | None,
-                   protect: list[str], python: str | None = None, ranks: list | None = None) -> str:
+                   protect: list[str], python: str | None = None, ranks: list | None = None,
+                   which: Served | None = None) -> str:
     """`routectl.py switch` to `release` (an id, or "previous" for a rollback).
     `ranks`: a cluster's other ranks on this host, stopped and started with the
-    server (rank 0); a cluster has no smoke (no host holds the whole model)."""
+    server (rank 0); a cluster has no smoke (no host holds the whole model).
+    `which`: the served profile (route_profiles) of `svc`; None: model_profile."""
     p = paths()
-    prof = profile()
+    which = which or served_profiles()[0]
+    prof = host.data.model_profiles[which.profile]
     q = shlex.quote
     group = [*(ranks or []), svc]
-    smoke = None if host_cluster() is not None else smoke_spec(svc.argv, prof, p.model_dir)
+    smoke = (None if host_cluster() is not None
+             else smoke_spec(svc.argv, prof, model_dir(p, which)))
     argv = [
         python or p.release_dir(release) + "/bin/python", p.script("routectl.py"), "switch",
         "--root", p.venv_root, "--release", release, "--strategy", strategy,
@@ -74,7 +80,7 @@ def switch_command(backend, svc, release: str, strategy: str, staged: str | None
         if ranks else backend.start_command(svc),
         "--smoke", json.dumps(smoke, sort_keys=True),
         "--smoke-timeout", str(int(prof["ready_timeout_s"])),
-        "--url", f"http://{host.data.server_host}:{host.data.server_port}",
+        "--url", f"http://{host.data.server_host}:{which.port}",
         "--timeout", str(int(prof["ready_timeout_s"])),
         "--keep", str(int(host.data.venv_releases_keep)),
         "--maintenance", maintenance_file(p),
@@ -130,6 +136,7 @@ def start_server():
     ranks = cluster_ranks(services)
     if cluster is not None and SERVER not in services:
         return start_ranks(p, prof, backend, services, release)
+    profiles = served_profiles()
     svc = services[SERVER]
 
     as_user.put(name="Upload routectl.py", src=str(repo_file("files/routectl.py")),
@@ -144,11 +151,22 @@ def start_server():
     for rank, rank_text in zip(ranks, rank_texts):
         backend.install(rank, rank_text)  # started by the switch, with rank 0
 
+    current = release_state(release).get("current")
+    switch_server(p, backend, svc, prof, release, strategy, current, [*extra, *rank_texts], ranks,
+                  profiles[0])
+    for which in profiles[1:]:  # the other profiles this host serves (route_profiles)
+        switch_server(p, backend, services[which.service], host.data.model_profiles[which.profile],
+                      release, restart_strategy(budget, which.profile), current, [], [], which)
+
+
+def switch_server(p, backend, svc, prof, release, strategy, current, extra, ranks,
+                  which: Served) -> None:
+    """One server (model_profile's, or another served profile's) to the release and its
+    definition, through `routectl.py switch`, unless it already runs them."""
     text = backend.render(svc)
     desired = fingerprint(backend.name, text, release.id, json.dumps(prof, sort_keys=True),
-                          *extra, *rank_texts)
+                          *extra)
     applied = host.get_fact(FileContents, stamp_path(svc))
-    current = release_state(release).get("current")
     definition = host.get_fact(FileContents, backend.definition_path(svc))
     if (applied == [desired] and current == release.id and backend.is_running(svc)
             and all(backend.is_running(r) for r in ranks)):
@@ -161,11 +179,12 @@ def start_server():
         as_user.put(name=f"Stage the new {svc.name} definition", src=StringIO(text), dest=staged)
     what = (f"release {release.id}" if current != release.id
             else f"release {release.id} (same release: new definition or not running)")
+    who = "the server" if which.primary else f"the {which.profile} server"
     server.shell(
-        name=f"Switch the server to {what}, {strategy}"
+        name=f"Switch {who} to {what}, {strategy}"
              + (f" (from {current}; rollback on failure)" if current else ""),
         commands=[switch_command(backend, svc, release.id, strategy, staged,
-                                 protected_releases(), ranks=ranks)],
+                                 protected_releases(), ranks=ranks, which=which)],
         **as_root(backend.sudo),
     )
     record_started(svc, desired)

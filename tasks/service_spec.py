@@ -33,3 +33,4 @@ class Service:
     # launchd ProcessType Interactive: the server must not be throttled.
     interactive: bool = False
     after: list[str] = field(default_factory=list)  # labels it starts after
+    port: int | None = None  # a server's TCP port (launchd finds its pid by it)

@@ -1,4 +1,4 @@
-"""The route's two services, described once as data.
+"""The route's services (a server per served profile, the proxy), described once as data.
 
 `route_services()` says everything about the server and the proxy (argv, env,
 working directory, logs, limits, restart policy); the backends in
@@ -9,6 +9,7 @@ is written twice. What a `Service` holds: tasks/service_spec.py.
 
 from __future__ import annotations
 
+import json
 import posixpath
 
 from pyinfra import host
@@ -16,7 +17,8 @@ from pyinfra import host
 from tasks.backends import select_backend
 from tasks.budget import prompt_cache_bytes
 from tasks.cluster import Cluster, ClusterError, check_hosts, parse, rank_services
-from tasks.common import RouteError, RoutePaths, paths, profile
+from tasks.common import RouteError, RoutePaths, paths, profile, _resolve
+from tasks.profiles import Served, served
 from tasks.proxy_args import proxy_argv
 from tasks.proxy_artifact import ARTIFACT
 from tasks.proxy_key import key_path
@@ -35,17 +37,32 @@ def server_flags(server_args: dict) -> list[str]:
     return argv
 
 
-def server_argv(p: RoutePaths, prof: dict) -> list[str]:
+def model_dir(p: RoutePaths, served_profile: Served) -> str:
+    """Where a served profile's weights are: model_profile's as paths() says,
+    every other one in model_root/<profile>."""
+    if served_profile.primary:
+        return p.model_dir
+    return posixpath.join(_resolve(p.home, host.data.model_root), served_profile.profile)
+
+
+def served_profiles() -> list[Served]:
+    """This host's profiles (route_profiles), model_profile first (tasks/profiles.py)."""
+    return served(host.data, host.name)
+
+
+def server_argv(p: RoutePaths, prof: dict, which: Served | None = None) -> list[str]:
+    """mlx_lm.server's argv for a served profile (None: model_profile)."""
+    which = which or served_profiles()[0]
     argv = [
         p.python, "-m", "mlx_lm.server",
-        "--model", p.model_dir,
+        "--model", model_dir(p, which),
         "--host", host.data.server_host,
-        "--port", str(host.data.server_port),
+        "--port", str(which.port),
     ]
     if prof.get("trust_remote_code"):
         argv.append("--trust-remote-code")
     server_args = dict(prof.get("server_args", {}))
-    cache_bytes = prompt_cache_bytes()
+    cache_bytes = prompt_cache_bytes(None if which.primary else which.profile)
     if cache_bytes is not None:
         server_args["prompt-cache-bytes"] = cache_bytes
     argv += server_flags(server_args)
@@ -64,10 +81,27 @@ def proxy_key_file(p: RoutePaths) -> str | None:
     return key_path(p) if host.data.get("proxy_api_key") else None
 
 
-def proxy_service_argv(p: RoutePaths, prof: dict, server: Service | None = None) -> list[str]:
-    """The proxy's argv for this host (tasks/proxy_args.py builds it from data)."""
-    return proxy_argv(p.python, p.script(ARTIFACT), proxy_key_file(p), host.data, public_name(prof),
-                      maintenance_file(p), watchdog_commands(server) if server else None)
+def proxy_service_argv(p: RoutePaths, prof: dict, server: Service | None = None,
+                       servers: dict[str, Service] | None = None) -> list[str]:
+    """The proxy's argv for this host (tasks/proxy_args.py builds it from data):
+    model_profile's server as its upstream, every other served profile as a
+    --route, the aliases as --alias (tasks/profiles.py)."""
+    argv = proxy_argv(p.python, p.script(ARTIFACT), proxy_key_file(p), host.data,
+                      public_name(prof), maintenance_file(p),
+                      watchdog_commands(server) if server else None)
+    profiles = served_profiles()
+    for which in profiles[1:]:
+        route = {"name": which.public_name,
+                 "upstream": f"http://{host.data.server_host}:{which.port}"}
+        commands = watchdog_commands(servers[which.service]) if servers else None
+        if commands:
+            route.update(restart_command=commands[0], server_pid_command=commands[1])
+        argv += ["--route", json.dumps(route, sort_keys=True)]
+    names = {which.profile: which.public_name for which in profiles}
+    for which in profiles:
+        for alias in which.aliases:
+            argv += ["--alias", f"{alias}={names[which.profile]}"]
+    return argv
 
 
 def watchdog_commands(server: Service) -> tuple[str, str] | None:
@@ -152,9 +186,28 @@ def route_services() -> dict[str, Service]:
         stdout=posixpath.join(p.logs_dir, "server.out.log"),
         stderr=posixpath.join(p.logs_dir, "server.err.log"),
         interactive=True,
+        port=int(host.data.server_port),
         **common,
     )
+    profiles = served_profiles()
+    extra = {}
+    for which in profiles[1:]:
+        extra[which.service] = Service(
+            name=which.service,
+            label=f"{label}.{which.service}",
+            description=f"mlx_lm.server serving {which.profile}",
+            argv=server_argv(p, host.data.model_profiles[which.profile], which),
+            stdout=posixpath.join(p.logs_dir, f"{which.service}.out.log"),
+            stderr=posixpath.join(p.logs_dir, f"{which.service}.err.log"),
+            interactive=True,
+            port=which.port,
+            **common,
+        )
     cluster = host_cluster()
+    if cluster is not None and extra:
+        raise RouteError(f"{host.name}: route_profiles serves {len(profiles)} profiles, but "
+                         "this host is in a cluster (cluster_ranks): a cluster serves one "
+                         "model; set route_profiles = None there")
     if cluster is not None:
         ranks = rank_services(cluster, server, host.name, cluster_dir(p), label, p.logs_dir)
         if SERVER not in ranks:
@@ -162,18 +215,19 @@ def route_services() -> dict[str, Service]:
         server = ranks[SERVER]
         others = {name: svc for name, svc in ranks.items() if name != SERVER}
     else:
-        others = {}
+        others = extra
     return {
         SERVER: server,
         **others,
         PROXY: Service(
             name=PROXY,
             label=f"{label}.{PROXY}",
-            description=f"OpenAI-compatible proxy in front of {host.data.model_profile}",
-            argv=proxy_service_argv(p, prof, server),
+            description="OpenAI-compatible proxy in front of "
+                        + ", ".join(which.profile for which in profiles),
+            argv=proxy_service_argv(p, prof, server, extra),
             stdout=posixpath.join(p.logs_dir, "proxy.out.log"),
             stderr=posixpath.join(p.logs_dir, "proxy.err.log"),
-            after=[f"{label}.{SERVER}"],
+            after=[f"{label}.{SERVER}", *(svc.label for svc in extra.values())],
             **common,
         ),
     }

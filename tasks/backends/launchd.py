@@ -129,7 +129,7 @@ class LaunchdBackend:
 
     def watchdog_pid_command(self, svc: Service) -> str:
         """The process listening on the server's port (the route user's own)."""
-        return f"/usr/sbin/lsof -t -nP -iTCP:{int(host.data.server_port)} -sTCP:LISTEN"
+        return f"/usr/sbin/lsof -t -nP -iTCP:{int(svc.port or host.data.server_port)} -sTCP:LISTEN"
 
     def prepare_watchdog(self, server: Service) -> None:
         watchdog_rule(self.paths.user, self.kickstart(server), "kickstart", "wheel", as_root())
