@@ -15,6 +15,7 @@ from aiohttp import ClientError, web
 from . import metrics as metrics_mod
 from .admission import Gate, QueueFull
 from .metrics import GENERATION_PATHS, Metrics
+from .routing import UNKNOWN, Router, parse_routes, route_args
 from .sse import (Assembler, BadUpstream, EventSplitter, dumps, dumps_text, event_data, loads,
                   rename_event)
 from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
@@ -88,6 +89,7 @@ class Proxy:
         # `: keepalive` lines of a prefill): the watchdog's sign of progress
         self.last_upstream_activity = -math.inf
         self.watchdog: Watchdog | None = None
+        self.router: Router | None = None  # several models: who answers which name (routing.py)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -263,6 +265,20 @@ class Proxy:
             if field in body:
                 del body[field]
                 untouched = None
+        if self.router is not None:  # several models: the one the name says (routing.py)
+            target = self.router.pick(name)
+            if target is None:
+                self.router.count(UNKNOWN, 404)
+                return error(404, self.router.unknown_message(name), "invalid_request_error")
+            resp = await target.serve(request, started, path, body, name, untouched, stream,
+                                      logprobs, top)
+            self.router.count(target.args.public_name, resp.status)
+            return resp
+        return await self.serve(request, started, path, body, name, untouched, stream, logprobs,
+                                top)
+
+    async def serve(self, request, started, path, body, name, untouched, stream, logprobs, top):
+        """A checked generation request to this model's upstream: queue, forward, answer."""
         if not self.ready:
             return self.unavailable(self.last_problem)
 
@@ -526,11 +542,20 @@ class Proxy:
         # Our own answer: mlx_lm.server lists its HF cache and local paths (and
         # fails with an empty body when the cache folder is missing), not the
         # one model it serves under the name clients use.
-        entry = {"id": self.args.public_name, "object": "model", "created": 0,
-                 "owned_by": "mlx-route"}
+        names = [self.args.public_name] if self.router is None else self.router.entries()
         wanted = request.match_info.get("name")
         if wanted is None:
-            return json_response({"object": "list", "data": [entry]})
+            return json_response({"object": "list", "data": [
+                {"id": n, "object": "model", "created": 0, "owned_by": "mlx-route"}
+                for n in names]})
+        if self.router is not None and not self.router.single:
+            target = self.router.pick(wanted)
+            if target is None:
+                return error(404, self.router.unknown_message(wanted), "invalid_request_error")
+            return json_response({"id": target.args.public_name, "object": "model",
+                                      "created": 0, "owned_by": "mlx-route"})
+        entry = {"id": self.args.public_name, "object": "model", "created": 0,
+                 "owned_by": "mlx-route"}
         if wanted != self.args.public_name:
             return error(404, f"no model {wanted!r}; this proxy serves "
                          f"{self.args.public_name!r}", "invalid_request_error")
@@ -556,18 +581,23 @@ class Proxy:
                                          f"{self.args.health_wait_s:g}")
             else:
                 fresh = self.ready
-        if fresh:
+        down = {} if self.router is None else {  # several models: each must be ready
+            m: p.last_problem for m, p in self.router.models.items() if p is not self and not p.ready}
+        if fresh and not down:
             body = {"status": "ok", "upstream": self.upstream} if trusted else {"status": "ok"}
             return json_response(body)
         body = {"status": "unavailable"}
         if trusted:
-            body.update(upstream=self.upstream, problem=self.last_problem)
+            body.update(upstream=self.upstream, problem=self.last_problem if not fresh else
+                        "; ".join(f"model {m!r}: {problem}" for m, problem in down.items()))
         return json_response(body, status=503, headers=self.retry_headers())
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         text = self.metrics.render(self.gate.active, len(self.gate.waiters), self.ready)
         if self.watchdog is not None:
             text += "\n".join(self.watchdog.render()) + "\n"
+        if self.router is not None:
+            text += self.router.render()
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def handle_unknown(self, request: web.Request) -> web.Response:
@@ -606,4 +636,13 @@ def build_app(args: argparse.Namespace, key: bytes | None) -> web.Application:
     app.router.add_route("*", "/{tail:.*}", proxy.handle_unknown)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
+    routes, aliases = parse_routes(getattr(args, "route", None) or [],
+                                   getattr(args, "alias", None) or [], args.public_name)
+    if routes:  # several models, one Proxy each (routing.py)
+        models = {args.public_name: proxy}
+        for route in routes:
+            models[route["name"]] = other = Proxy(route_args(args, route), key)
+            app.on_startup.append(other.start)
+            app.on_cleanup.append(other.stop)
+        proxy.router = Router(models, aliases)
     return app

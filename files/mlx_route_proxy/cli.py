@@ -15,6 +15,7 @@ import sys
 from aiohttp import web, web_protocol
 
 from .app import build_app, error
+from .routing import RouteSpecError, parse_routes
 
 log = logging.getLogger("mlx-route-proxy")
 
@@ -65,6 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8026, help="port to listen on")
     p.add_argument("--upstream", default="http://127.0.0.1:8025",
                    help="base URL of mlx_lm.server")
+    p.add_argument("--route", action="append", default=[], metavar="JSON",
+                   help='one more model behind this proxy, routed by name: {"name": ..., '
+                        '"upstream": "http://127.0.0.1:PORT"} and optionally its watchdog\'s '
+                        '"restart_command" and "server_pid_command"; repeat for each')
+    p.add_argument("--alias", action="append", default=[], metavar="NAME=MODEL",
+                   help="a name clients may send for a model (--public-name or a --route's "
+                        "name); with several models an unknown name gets 404")
     p.add_argument("--api-key-file", default=None,
                    help="file holding the API key (mode 0600); clients send "
                         "'Authorization: Bearer <key>'")
@@ -117,6 +125,10 @@ def validate(args: argparse.Namespace) -> str | None:
         return problem
     if args.queue < 0:
         return f"--queue must be 0 or more (got {args.queue})"
+    try:
+        parse_routes(args.route, args.alias, args.public_name)
+    except RouteSpecError as e:
+        return str(e)
     if args.restart_command:
         if not args.server_pid_command:
             return "--restart-command needs --server-pid-command (the watchdog reads its CPU time)"

@@ -1,0 +1,130 @@
+"""Routing by model name (files/mlx_route_proxy/routing.py): one proxy, two upstreams.
+
+Two stand-in upstreams (tests/fixtures/upstream_stub.py, used where the real
+mlx_lm.server cannot fail on demand: a 500 from one model while the other
+answers) behind the real proxy.pyz, driven with the openai SDK. The same
+routing against two real mlx_lm.server processes: tests/e2e/test_two_models.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from tests.fixtures.proxy import load_proxy
+from tests.fixtures.upstream_stub import UpstreamStub
+from tests.unit.test_proxy_stub import CHAT, client, metric, wait_healthy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def second_stub():
+    stub = UpstreamStub().start()
+    yield stub
+    stub.close()
+
+
+@pytest.fixture
+def two(upstream_stub, second_stub, proxy_factory):
+    p = proxy_factory(upstream_stub.url, "--public-name", "glm-5.2", "--retry-after-ms", "200",
+                      "--route", json.dumps({"name": "qwen3-30b", "upstream": second_stub.url}),
+                      "--alias", "openai/glm52=glm-5.2", "--alias", "glm52=glm-5.2",
+                      "--alias", "qwen=qwen3-30b")
+    wait_healthy(p.url)
+    return p
+
+
+def test_each_name_and_alias_goes_to_its_model_and_the_reply_carries_the_name_sent(
+        two, upstream_stub, second_stub):
+    c = client(two)
+    for name, stub in [("glm-5.2", upstream_stub), ("openai/glm52", upstream_stub),
+                       ("qwen", second_stub), ("qwen3-30b", second_stub)]:
+        before = (len(upstream_stub.generations), len(second_stub.generations))
+        reply = c.chat.completions.create(model=name, messages=CHAT)
+        assert reply.model == name
+        assert reply.choices[0].message.content
+        chunks = list(c.chat.completions.create(model=name, messages=CHAT, stream=True))
+        assert {chunk.model for chunk in chunks} == {name}
+        after = (len(upstream_stub.generations), len(second_stub.generations))
+        grew = [a - b for a, b in zip(after, before)]
+        # the probes of /health may add to either; the two chats went to this model only
+        assert grew[0 if stub is upstream_stub else 1] >= 2
+        assert "model" not in stub.generations[-1].body  # stripped, as with one model
+    # no name: the first model
+    plain = httpx.post(two.url + "/v1/chat/completions", json={"messages": CHAT}, timeout=10)
+    assert plain.status_code == 200 and plain.json()["model"] == "glm-5.2"
+
+
+def test_an_unknown_name_gets_404_listing_the_names_served(two, upstream_stub, second_stub):
+    sent = len(upstream_stub.generations) + len(second_stub.generations)
+    with pytest.raises(openai.NotFoundError) as refused:
+        client(two).chat.completions.create(model="gpt-4o", messages=CHAT)
+    message = refused.value.body["message"]
+    assert message.startswith("no model 'gpt-4o' here; this proxy serves 'glm-5.2', 'qwen3-30b'")
+    assert "'openai/glm52' (glm-5.2)" in message and "'qwen' (qwen3-30b)" in message
+    assert len(upstream_stub.generations) + len(second_stub.generations) <= sent + 2  # probes
+    assert metric(two, 'proxy_model_requests_total{model="_unknown",code="404"}') == 1
+
+
+def test_models_lists_what_is_served_and_resolves_aliases(two):
+    listed = client(two).models.list()
+    assert [m.id for m in listed.data] == ["glm-5.2", "qwen3-30b"]
+    assert client(two).models.retrieve("qwen").id == "qwen3-30b"
+    with pytest.raises(openai.NotFoundError):
+        client(two).models.retrieve("gpt-4o")
+
+
+def test_metrics_per_model_and_one_model_down_leaves_the_other_serving(two, second_stub):
+    c = client(two)
+    c.chat.completions.create(model="glm52", messages=CHAT)
+    c.chat.completions.create(model="qwen", messages=CHAT)
+    second_stub.mode = "error_500"
+    with pytest.raises(openai.APIStatusError) as down:
+        c.chat.completions.create(model="qwen", messages=CHAT)
+    assert down.value.status_code == 503
+    assert c.chat.completions.create(model="glm-5.2", messages=CHAT).model == "glm-5.2"
+    assert metric(two, 'proxy_model_requests_total{model="glm-5.2",code="200"}') == 2
+    assert metric(two, 'proxy_model_requests_total{model="qwen3-30b",code="200"}') == 1
+    assert metric(two, 'proxy_model_requests_total{model="qwen3-30b",code="503"}') == 1
+    assert metric(two, 'proxy_model_upstream_errors_total{model="qwen3-30b",kind="status_500"}') >= 1
+    assert metric(two, 'proxy_model_in_flight{model="glm-5.2"}') == 0
+    assert metric(two, 'proxy_model_ready{model="qwen3-30b"}') == 0
+    assert metric(two, 'proxy_model_ready{model="glm-5.2"}') == 1
+    health = httpx.get(two.url + "/health", timeout=30)
+    assert health.status_code == 503
+    assert "model 'qwen3-30b'" in health.json()["problem"]
+    second_stub.mode = "ok"  # back: the proxy's own probes find it
+    wait_healthy(two.url, timeout=20)
+    assert c.chat.completions.create(model="qwen", messages=CHAT).model == "qwen"
+
+
+def test_one_model_still_takes_any_name(upstream_stub, proxy_factory):
+    p = proxy_factory(upstream_stub.url, "--public-name", "glm-5.2", "--alias", "glm52=glm-5.2")
+    wait_healthy(p.url)
+    assert client(p).chat.completions.create(model="anything", messages=CHAT).model == "anything"
+    assert [m.id for m in client(p).models.list().data] == ["glm-5.2"]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--route", "{not json"], "is not JSON"),
+    (["--route", '{"name": "q"}'], 'needs a "name" and an "upstream"'),
+    (["--route", '{"name": "q", "upstream": "ftp://x"}'], "must be an http:// or https:// URL"),
+    (["--route", '{"name": "default_model", "upstream": "http://127.0.0.1:1"}'],
+     "already served"),
+    (["--route", '{"name": "q", "upstream": "http://127.0.0.1:1", "restart_command": "x"}'],
+     "go together"),
+    (["--alias", "x=nope"], "must be NAME=MODEL with MODEL one of the names served"),
+])
+def test_bad_route_flags_are_refused_with_one_line(flags, words):
+    cli = importlib.import_module(load_proxy().__name__ + ".cli")
+    assert words in cli.validate(cli.parse_args(flags))
+
+
+def test_the_proxy_exits_on_a_bad_route_before_listening(upstream_stub, proxy_factory):
+    with pytest.raises(RuntimeError, match=r"exited 2 before listening on \d+: proxy: --alias"):
+        proxy_factory(upstream_stub.url, "--alias", "x=nope")
