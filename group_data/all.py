@@ -93,9 +93,10 @@ model_download_progress_s = 30
 #   repo, revision  hf repository and the pinned revision (commit sha or tag)
 #   package, dtype  pypi-gguf: the pinned wheel and the MLX dtype to keep
 #   shards          number of *.safetensors files of a complete copy
-#   size_gib        disk footprint in GiB (2^30 bytes: every size in this project
-#                   is in GiB), checked against free disk before fetching and
-#                   the model's line of the memory budget (x host_memory_model_overhead)
+#   size_gib        disk footprint in GiB (2^30 bytes: memory and disk sizes
+#                   are in GiB, *_gib; only host_wired_limit_mb keeps sysctl's
+#                   MB), checked against free disk before fetching and the
+#                   model's line of the memory budget (x host_memory_model_overhead)
 #   public_name     the model name the proxy reports back to clients
 #   trust_remote_code  pass --trust-remote-code to mlx_lm
 #   server_args     mlx_lm.server flags (name without "--": value)

@@ -92,6 +92,32 @@ def test_tasks_imports_form_no_circle():
     assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph))}"
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+# What the route's tasks build on the backends and the service data; a backend
+# that imports one of these again closes the circle the split removed.
+ABOVE_BACKENDS = {"tasks.services", "tasks.restarts", "tasks.manifest", "tasks.server",
+                  "tasks.proxy", "tasks.verify", "tasks.probes"}
+
+
+def test_layers_point_one_way():
+    """deploy.py -> tasks -> backends -> the service data (tasks/service_spec.py)."""
+    graph = {module: tasks_imports(module, path) for module, path in task_modules().items()}
+    assert reachable(graph, "tasks.service_spec") == set(), "the service data imports no task"
+    for module in graph:
+        if module.startswith("tasks.backends"):
+            assert not reachable(graph, module) & ABOVE_BACKENDS, (
+                f"{module} reaches {sorted(reachable(graph, module) & ABOVE_BACKENDS)}")
+
+
 IMPORT_EACH_FIRST = """
 import importlib, json, sys
 failures = {}
