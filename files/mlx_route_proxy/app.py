@@ -15,7 +15,7 @@ from aiohttp import ClientError, web
 from . import metrics as metrics_mod
 from .admission import Gate, QueueFull
 from .metrics import GENERATION_PATHS, Metrics
-from .routing import UNKNOWN, Router, parse_routes, route_args
+from .routing import UNKNOWN, Router, parse_replicas, parse_routes, route_args
 from .sse import (Assembler, BadUpstream, EventSplitter, dumps, dumps_text, event_data, loads,
                   rename_event)
 from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
@@ -266,20 +266,20 @@ class Proxy:
                 del body[field]
                 untouched = None
         if self.router is not None:  # several models: the one the name says (routing.py)
-            target = self.router.pick(name)
-            if target is None:
+            replicas = self.router.pick(name)
+            if replicas is None:
                 self.router.count(UNKNOWN, 404)
                 return error(404, self.router.unknown_message(name), "invalid_request_error")
-            resp = await target.serve(request, started, path, body, name, untouched, stream,
-                                      logprobs, top)
-            self.router.count(target.args.public_name, resp.status)
-            return resp
+            return await self.router.serve(replicas, request, started, path, body, name,
+                                           untouched, stream, logprobs, top)
         return await self.serve(request, started, path, body, name, untouched, stream, logprobs,
                                 top)
 
     async def serve(self, request, started, path, body, name, untouched, stream, logprobs, top):
-        """A checked generation request to this model's upstream: queue, forward, answer."""
+        """A checked generation request to this model's upstream: queue, forward, answer.
+        request["unreached"]: it never reached the upstream (a replica may take it)."""
         if not self.ready:
+            request["unreached"] = True
             return self.unavailable(self.last_problem)
 
         acquired = False
@@ -311,6 +311,8 @@ class Proxy:
             self.metrics.upstream_error("first_byte_timeout")
             return await self.fail(request, 504, f"{e} (--first-byte-timeout-s)", "timeout")
         except UpstreamUnavailable as e:
+            if e.__cause__ is not None:  # no connection, or no answer at all
+                request["unreached"] = True
             self.mark_down(str(e))
             return self.unavailable(str(e))
         except BadUpstream as e:
@@ -549,10 +551,10 @@ class Proxy:
                 {"id": n, "object": "model", "created": 0, "owned_by": "mlx-route"}
                 for n in names]})
         if self.router is not None and not self.router.single:
-            target = self.router.pick(wanted)
-            if target is None:
+            replicas = self.router.pick(wanted)
+            if replicas is None:
                 return error(404, self.router.unknown_message(wanted), "invalid_request_error")
-            return json_response({"id": target.args.public_name, "object": "model",
+            return json_response({"id": replicas[0].args.public_name, "object": "model",
                                       "created": 0, "owned_by": "mlx-route"})
         entry = {"id": self.args.public_name, "object": "model", "created": 0,
                  "owned_by": "mlx-route"}
@@ -581,15 +583,14 @@ class Proxy:
                                          f"{self.args.health_wait_s:g}")
             else:
                 fresh = self.ready
-        down = {} if self.router is None else {  # several models: each must be ready
-            m: p.last_problem for m, p in self.router.models.items() if p is not self and not p.ready}
-        if fresh and not down:
+        down = {} if self.router is None else self.router.down(self, fresh)
+        if (fresh if self.router is None else not down):
             body = {"status": "ok", "upstream": self.upstream} if trusted else {"status": "ok"}
             return json_response(body)
         body = {"status": "unavailable"}
         if trusted:
-            body.update(upstream=self.upstream, problem=self.last_problem if not fresh else
-                        "; ".join(f"model {m!r}: {problem}" for m, problem in down.items()))
+            body.update(upstream=self.upstream, problem=self.last_problem if self.router is None
+                        else "; ".join(f"model {m!r}: {problem}" for m, problem in down.items()))
         return json_response(body, status=503, headers=self.retry_headers())
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
@@ -638,10 +639,13 @@ def build_app(args: argparse.Namespace, key: bytes | None) -> web.Application:
     app.on_cleanup.append(proxy.stop)
     routes, aliases = parse_routes(getattr(args, "route", None) or [],
                                    getattr(args, "alias", None) or [], args.public_name)
-    if routes:  # several models, one Proxy each (routing.py)
-        models = {args.public_name: proxy}
-        for route in routes:
-            models[route["name"]] = other = Proxy(route_args(args, route), key)
+    replicas = parse_replicas(getattr(args, "replica", None) or [],
+                              [args.public_name, *(r["name"] for r in routes)])
+    if routes or replicas:  # several models or replicas, one Proxy each (routing.py)
+        models = {args.public_name: [proxy]}
+        for route in [*routes, *replicas]:
+            other = Proxy(route_args(args, route), key)
+            models.setdefault(route["name"], []).append(other)
             app.on_startup.append(other.start)
             app.on_cleanup.append(other.stop)
         proxy.router = Router(models, aliases)

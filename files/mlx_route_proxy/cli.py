@@ -15,7 +15,7 @@ import sys
 from aiohttp import web, web_protocol
 
 from .app import build_app, error
-from .routing import RouteSpecError, parse_routes
+from .routing import RouteSpecError, parse_replicas, parse_routes
 
 log = logging.getLogger("mlx-route-proxy")
 
@@ -73,6 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--alias", action="append", default=[], metavar="NAME=MODEL",
                    help="a name clients may send for a model (--public-name or a --route's "
                         "name); with several models an unknown name gets 404")
+    p.add_argument("--replica", action="append", default=[], metavar="MODEL=URL",
+                   help="one more upstream serving MODEL (--public-name or a --route's name): "
+                        "requests go to the ready replica with the fewest in flight; a replica "
+                        "that fails is left out until its probe answers; a request that never "
+                        "reached one is retried on another")
     p.add_argument("--api-key-file", default=None,
                    help="file holding the API key (mode 0600); clients send "
                         "'Authorization: Bearer <key>'")
@@ -126,7 +131,8 @@ def validate(args: argparse.Namespace) -> str | None:
     if args.queue < 0:
         return f"--queue must be 0 or more (got {args.queue})"
     try:
-        parse_routes(args.route, args.alias, args.public_name)
+        routes, _ = parse_routes(args.route, args.alias, args.public_name)
+        parse_replicas(args.replica, [args.public_name, *(r["name"] for r in routes)])
     except RouteSpecError as e:
         return str(e)
     if args.restart_command:

@@ -3,13 +3,22 @@
 The first model is the proxy's own (--upstream, --public-name); each --route
 adds one more ({"name", "upstream"} and optionally its watchdog's
 "restart_command" and "server_pid_command"); each --alias NAME=MODEL adds a
-name clients may send for a model. Every model has its own `Proxy` (its pool,
-its concurrency gate, its readiness and watchdog: one server's trouble is not
-another's); the first one reads the request and hands it to the model it
-names. With one model any name goes to it, as before routing existed. A
-reply carries the name the client sent.
+name clients may send for a model; each --replica MODEL=URL one more upstream
+serving a model (another server of the same profile, on this host or another).
+Every upstream has its own `Proxy` (its pool, its concurrency gate, its
+readiness probe and watchdog: one server's trouble is not another's); the
+first one reads the request and hands it to the model it names. With one model
+any name goes to it, as before routing existed. A reply carries the name the
+client sent.
 
-On the hot path this is one dict lookup (`Router.pick`).
+Replicas: a request goes to the ready replica with the fewest generations in
+flight (ties in turn); a replica whose request fails is marked down and left
+out until its own probe gets a token again (Proxy.recover); a request that
+never reached a replica (no connection, no answer, not ready) is tried on the
+next ready one, so the client sees a 503 only when none could take it.
+
+On the hot path this is one dict lookup (`Router.pick`), and with replicas a
+sort of the few replicas by load.
 """
 
 from __future__ import annotations
@@ -59,6 +68,21 @@ def parse_routes(routes: list[str], aliases: list[str], first: str) -> tuple[lis
     return parsed, table
 
 
+def parse_replicas(replicas: list[str], names: list[str]) -> list[dict]:
+    """--replica MODEL=URL flags as routes ({"name", "upstream"}) of known models."""
+    parsed = []
+    for text in replicas:
+        model, sep, url = text.partition("=")
+        if not sep or model not in names:
+            raise RouteSpecError(f"--replica {text!r} must be MODEL=URL with MODEL one of the "
+                                 f"names served: {', '.join(names)}")
+        if not url.startswith(("http://", "https://")):
+            raise RouteSpecError(f"--replica {text!r}: {url!r} must be an http:// or https:// "
+                                 "URL")
+        parsed.append({"name": model, "upstream": url})
+    return parsed
+
+
 def route_args(args: argparse.Namespace, route: dict) -> argparse.Namespace:
     """The flags of one more model: the proxy's own, with its name, upstream and watchdog."""
     return argparse.Namespace(**{
@@ -71,22 +95,59 @@ class Router:
     """Which model's `Proxy` answers a name; per-model counts for /metrics."""
 
     def __init__(self, models: dict, aliases: dict[str, str]):
-        self.models = models  # public name -> Proxy, the first one first
+        self.models = models  # public name -> [Proxy of each replica], the first one first
         self.first = next(iter(models.values()))
         self.single = len(models) == 1
         self.table = {**{name: proxy for name, proxy in models.items()},
                       **{alias: models[target] for alias, target in aliases.items()}}
         self.aliases = aliases
         self.answers: Counter = Counter()  # (model, status) -> count
+        self.replica_answers: Counter = Counter()  # (model, upstream, status) -> count
+        self.retries: Counter = Counter()  # model -> requests moved to another replica
+        self.turn = 0
 
     def pick(self, name: str):
-        """The model's Proxy for the name a client sent; None: no such model."""
+        """The model's replicas (Proxies) for the name a client sent; None: no such model."""
         if self.single:
             return self.first
         return self.table.get(name)
 
+    def order(self, replicas: list) -> list:
+        """The ready replicas, fewest in flight first (ties in turn); none ready: the first."""
+        if len(replicas) == 1:
+            return replicas
+        self.turn += 1
+        n = len(replicas)
+        turn = [replicas[(self.turn + i) % n] for i in range(n)]
+        ready = sorted((p for p in turn if p.ready),
+                       key=lambda p: p.gate.active + len(p.gate.waiters))
+        return ready or turn[:1]
+
+    async def serve(self, replicas, request, *args):
+        """The request on the model's replicas: the next one while it never reached one."""
+        for proxy in self.order(replicas):
+            request.pop("unreached", None)
+            resp = await proxy.serve(request, *args)
+            model = proxy.args.public_name
+            if len(replicas) > 1:
+                self.replica_answers[(model, proxy.upstream, resp.status)] += 1
+            if not request.get("unreached") or request.get("sse") is not None:
+                break
+            self.retries[model] += 1
+        self.count(model, resp.status)
+        return resp
+
     def count(self, model: str, status: int) -> None:
         self.answers[(model, status)] += 1
+
+    def down(self, first, first_fresh: bool) -> dict[str, str]:
+        """{model: problem} of the models no replica of which is ready (`first`, the
+        proxy that answers /health, by its fresh check)."""
+        out = {}
+        for model, replicas in self.models.items():
+            if not any(first_fresh if p is first else p.ready for p in replicas):
+                out[model] = "; ".join(p.last_problem for p in replicas)
+        return out
 
     def unknown_message(self, name: str) -> str:
         served = ", ".join(repr(n) for n in self.models)
@@ -106,14 +167,37 @@ class Router:
             out.append(f'proxy_model_requests_total{{model="{model}",code="{status}"}} {n}')
         out += ["# HELP proxy_model_upstream_errors_total Upstream failures, by model and kind.",
                 "# TYPE proxy_model_upstream_errors_total counter"]
-        for model, proxy in self.models.items():
-            for kind, n in sorted(proxy.metrics.upstream_errors.items()):
+        for model, replicas in self.models.items():
+            errors: Counter = Counter()
+            for proxy in replicas:
+                errors.update(proxy.metrics.upstream_errors)
+            for kind, n in sorted(errors.items()):
                 out.append(f'proxy_model_upstream_errors_total{{model="{model}",kind="{kind}"}} {n}')
         out += ["# HELP proxy_model_in_flight Generations being served, by model.",
                 "# TYPE proxy_model_in_flight gauge"]
-        out += [f'proxy_model_in_flight{{model="{m}"}} {p.gate.active}'
-                for m, p in self.models.items()]
-        out += ["# HELP proxy_model_ready 1 when the model's last probe or generation succeeded.",
-                "# TYPE proxy_model_ready gauge"]
-        out += [f'proxy_model_ready{{model="{m}"}} {int(p.ready)}' for m, p in self.models.items()]
+        out += [f'proxy_model_in_flight{{model="{m}"}} {sum(p.gate.active for p in reps)}'
+                for m, reps in self.models.items()]
+        out += ["# HELP proxy_model_ready 1 when a replica of the model is ready (its last probe "
+                "or generation succeeded).", "# TYPE proxy_model_ready gauge"]
+        out += [f'proxy_model_ready{{model="{m}"}} {int(any(p.ready for p in reps))}'
+                for m, reps in self.models.items()]
+        replicated = {m: reps for m, reps in self.models.items() if len(reps) > 1}
+        if replicated:
+            out += ["# HELP proxy_replica_requests_total Answers, by model, replica and status.",
+                    "# TYPE proxy_replica_requests_total counter"]
+            for (model, upstream, status), n in sorted(self.replica_answers.items()):
+                out.append(f'proxy_replica_requests_total{{model="{model}",upstream="{upstream}",'
+                           f'code="{status}"}} {n}')
+            out += ["# HELP proxy_replica_ready 1 while the replica takes requests.",
+                    "# TYPE proxy_replica_ready gauge"]
+            out += [f'proxy_replica_ready{{model="{m}",upstream="{p.upstream}"}} {int(p.ready)}'
+                    for m, reps in replicated.items() for p in reps]
+            out += ["# HELP proxy_replica_in_flight Generations being served, by replica.",
+                    "# TYPE proxy_replica_in_flight gauge"]
+            out += [f'proxy_replica_in_flight{{model="{m}",upstream="{p.upstream}"}} '
+                    f'{p.gate.active}' for m, reps in replicated.items() for p in reps]
+            out += ["# HELP proxy_replica_retries_total Requests that never reached a replica, "
+                    "tried on another.", "# TYPE proxy_replica_retries_total counter"]
+            out += [f'proxy_replica_retries_total{{model="{m}"}} {self.retries[m]}'
+                    for m in replicated]
         return "\n".join(out) + "\n"

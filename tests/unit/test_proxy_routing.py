@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 
 import httpx2 as httpx
 import openai
@@ -119,6 +120,8 @@ def test_one_model_still_takes_any_name(upstream_stub, proxy_factory):
     (["--route", '{"name": "q", "upstream": "http://127.0.0.1:1", "restart_command": "x"}'],
      "go together"),
     (["--alias", "x=nope"], "must be NAME=MODEL with MODEL one of the names served"),
+    (["--replica", "nope=http://127.0.0.1:1"], "must be MODEL=URL with MODEL one of the names"),
+    (["--replica", "default_model=127.0.0.1:1"], "must be an http:// or https:// URL"),
 ])
 def test_bad_route_flags_are_refused_with_one_line(flags, words):
     cli = importlib.import_module(load_proxy().__name__ + ".cli")
@@ -128,3 +131,31 @@ def test_bad_route_flags_are_refused_with_one_line(flags, words):
 def test_the_proxy_exits_on_a_bad_route_before_listening(upstream_stub, proxy_factory):
     with pytest.raises(RuntimeError, match=r"exited 2 before listening on \d+: proxy: --alias"):
         proxy_factory(upstream_stub.url, "--alias", "x=nope")
+
+
+def test_replicas_share_the_load_a_dead_one_is_left_out_and_comes_back(
+        upstream_stub, second_stub, proxy_factory):
+    p = proxy_factory(upstream_stub.url, "--public-name", "glm-5.2", "--retry-after-ms", "200",
+                      "--replica", f"glm-5.2={second_stub.url}")
+    wait_healthy(p.url)
+    c = client(p)
+    for _ in range(6):
+        assert c.chat.completions.create(model="glm-5.2", messages=CHAT).model == "glm-5.2"
+    # in turn while idle: each replica took some of them (probes aside)
+    assert metric(p, f'proxy_replica_requests_total{{model="glm-5.2",upstream="{upstream_stub.url}"') >= 2
+    assert metric(p, f'proxy_replica_requests_total{{model="glm-5.2",upstream="{second_stub.url}"') >= 2
+    second_stub.stop()  # the replica goes away between two requests: nobody is told
+    for _ in range(4):  # the one that meets the dead replica is retried on the other
+        assert c.chat.completions.create(model="glm-5.2", messages=CHAT).model == "glm-5.2"
+    assert metric(p, 'proxy_replica_retries_total{model="glm-5.2"}') >= 1
+    assert metric(p, f'proxy_replica_ready{{model="glm-5.2",upstream="{second_stub.url}"}}') == 0
+    assert httpx.get(p.url + "/health", timeout=30).status_code == 200  # one replica is enough
+    back = second_stub.start()  # on its port again
+    deadline = time.monotonic() + 20  # its probe, every --retry-after-ms, puts it back
+    while metric(p, f'proxy_replica_ready{{model="glm-5.2",upstream="{back.url}"}}') != 1:
+        assert time.monotonic() < deadline, "the replica was not put back"
+        time.sleep(0.2)
+    served = len([g for g in back.generations if g.body.get("max_tokens") != 1])
+    for _ in range(4):
+        c.chat.completions.create(model="glm-5.2", messages=CHAT)
+    assert len([g for g in back.generations if g.body.get("max_tokens") != 1]) > served
