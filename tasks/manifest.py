@@ -15,7 +15,7 @@ from tasks.backends import select_backend
 from tasks.common import RouteError, paths, profile
 from tasks.host_facts import filevault
 from tasks.service_spec import SERVER
-from tasks.services import public_name, proxy_key_file, route_services
+from tasks.services import public_name, proxy_key_file, route_services, served_profiles
 from tasks.workload import manifest_part as workload_manifest
 
 SIZES = ("needle_tokens", "cache_tokens", "integers", "prose_words", "timeout_s")
@@ -52,6 +52,12 @@ def manifest() -> dict:
         "gates": prof.get("gates", {}),
         "bench": bench_sizes(prof),
         "server": {"host": host.data.server_host, "port": host.data.server_port},
+        # every profile this host serves (route_profiles), model_profile first: the
+        # names the proxy answers to, its service and port, its smoke
+        "served": [{"profile": s.profile, "public_name": s.public_name, "aliases": list(s.aliases),
+                    "service": s.service, "port": s.port,
+                    "smoke": host.data.model_profiles[s.profile]["smoke"]}
+                   for s in served_profiles()],
         "proxy": {
             "host": host.data.proxy_host,
             "port": host.data.proxy_port,

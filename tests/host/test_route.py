@@ -120,17 +120,42 @@ def test_models_endpoint_answers_through_the_proxy(http, route):
 
 def test_chat_through_the_proxy_answers_and_normalizes_the_model(http, route):
     smoke = route["smoke"]
+    # one profile: any name goes to it; several: the proxy routes by name
+    name = PROXY_CLIENT_MODEL if len(route.get("served") or [None]) == 1 else route["public_name"]
     status, body = http("POST", route["proxy"]["port"], "/v1/chat/completions", {
-        "model": PROXY_CLIENT_MODEL,
+        "model": name,
         "messages": smoke["messages"],
         "max_tokens": smoke.get("max_tokens", 16),
         "temperature": 0,
     })
     assert status == 200, body
     reply = json.loads(body)
-    assert reply["model"] == PROXY_CLIENT_MODEL, reply
+    assert reply["model"] == name, reply
     content = reply["choices"][0]["message"]["content"]
     assert smoke["expect"] in content, f"expected {smoke['expect']!r} in {content!r}"
+
+
+def test_every_served_profile_runs_and_answers_by_each_of_its_names(host, http, route):
+    served = route.get("served") or []
+    if len(served) < 2:
+        pytest.skip("one profile (route_profiles None): the chat test above covers it")
+    status, body = http("GET", route["proxy"]["port"], "/v1/models")
+    assert [m["id"] for m in json.loads(body)["data"]] == [s["public_name"] for s in served]
+    for s in served:
+        ok, status_text = service_running(host, route, s["service"])
+        assert ok, f"{s['service']} ({s['profile']}) is not running: {status_text}"
+        for name in [s["public_name"], *s["aliases"]]:
+            status, body = http("POST", route["proxy"]["port"], "/v1/chat/completions", {
+                "model": name, "messages": s["smoke"]["messages"],
+                "max_tokens": s["smoke"].get("max_tokens", 16), "temperature": 0})
+            assert status == 200, (name, body)
+            reply = json.loads(body)
+            assert reply["model"] == name, reply
+            assert s["smoke"]["expect"] in reply["choices"][0]["message"]["content"], (name, reply)
+    status, body = http("POST", route["proxy"]["port"], "/v1/chat/completions", {
+        "model": "no-such-model", "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 1})
+    assert status == 404 and "this proxy serves" in body, body
 
 
 def test_proxy_refuses_a_request_without_the_key(http, route):

@@ -158,6 +158,13 @@ def test_the_mac_plan_for_two_profiles_two_servers_and_one_proxy_routing_by_name
     assert "-iTCP:8027" in route["server_pid_command"]
     aliases = [argv[i + 1] for i, a in enumerate(argv) if a == "--alias"]
     assert aliases == ["openai/glm52=glm-5.2", "smol=smollm2-135m"]
+    # route.json tells the host suite what to check: both servers, their names
+    manifest = json.loads(plan.uploads[f"{ROUTE}/route.json"])
+    assert [(s["profile"], s["service"], s["port"], s["public_name"], s["aliases"])
+            for s in manifest["served"]] == [
+        ("glm-5.2-mxfp4", "server", 8025, "glm-5.2", ["openai/glm52"]),
+        ("smollm2-135m", "server-smollm2-135m", 8027, "smollm2-135m", ["smol"])]
+    assert "server-smollm2-135m" in manifest["service_running"]
 
 
 def test_a_mac_plan_whose_profiles_do_not_fit_together_changes_nothing(tmp_path):
