@@ -54,9 +54,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Bench:
-    def __init__(self, args, direct: str, proxy: str, stub: bool, server_pid: int | None):
+    def __init__(self, args, direct: str, proxy: str, stub: bool, server_pid: int | None,
+                 proxy_pid: int | None = None):
         self.args, self.direct, self.proxy, self.stub = args, direct, proxy, stub
-        self.server_pid = server_pid
+        self.server_pid, self.proxy_pid = server_pid, proxy_pid
 
     def body(self, stream=False, tokens=1, **stub):
         body = {"messages": PROMPT, "max_tokens": tokens, "stream": stream,
@@ -93,6 +94,11 @@ class Bench:
         limit = self.args.max_requests // self.args.rounds
         totals = {base: {"requests": 0, "errors": 0, "seconds": 0.0}
                   for base in (self.direct, self.proxy)}
+        # CPU seconds of each process in the slices of each side: what one
+        # request costs the upstream, the proxy and this client (what bounds
+        # the ratio when the cores are full)
+        pids = {"upstream": self.server_pid, "proxy": self.proxy_pid, "client": os.getpid()}
+        cpu = {base: dict.fromkeys(pids, 0.0) for base in totals}
 
         async def one_slice(base):
             done, errors = 0, 0
@@ -106,8 +112,11 @@ class Bench:
                         done += 1
                     except (AssertionError, aiohttp.ClientError):
                         errors += 1
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             t0 = time.perf_counter()
             await asyncio.gather(*(client() for _ in range(clients)))
+            for name, pid in pids.items():
+                cpu[base][name] += cpu_seconds(pid) - before[name]
             total = totals[base]
             total["requests"] += done
             total["errors"] += errors
@@ -116,8 +125,11 @@ class Bench:
         for _ in range(self.args.rounds):
             await one_slice(self.direct)
             await one_slice(self.proxy)
-        for total in totals.values():
+        for base, total in totals.items():
             total["rps"] = round(total["requests"] / total["seconds"], 1)
+            total["cpu_us_per_request"] = {
+                name: round(1e6 * seconds / max(1, total["requests"]))
+                for name, seconds in cpu[base].items() if base == self.proxy or name != "proxy"}
             total["seconds"] = round(total["seconds"], 3)
         return totals[self.direct], totals[self.proxy]
 
@@ -240,6 +252,11 @@ def table(res: dict) -> str:
         ("latency p99 (ms)", lat["direct_p99"], lat["proxy_p99"], lat["added_p99"]),
         (f"requests/s, {res['clients']} clients", thr["direct"]["rps"], thr["proxy"]["rps"],
          f"x{thr['ratio']}"),
+        ("CPU us per request there: upstream", thr["direct"]["cpu_us_per_request"]["upstream"],
+         thr["proxy"]["cpu_us_per_request"]["upstream"], ""),
+        ("  ... the proxy", "", thr["proxy"]["cpu_us_per_request"]["proxy"], ""),
+        ("  ... the bench's client", thr["direct"]["cpu_us_per_request"]["client"],
+         thr["proxy"]["cpu_us_per_request"]["client"], ""),
         ("first streamed byte p50 (ms)", fb["direct_p50"], fb["proxy_p50"], fb["added_p50"]),
         ("generating after a streaming client left (s)", lv["stream_direct"],
          lv["stream_proxy"], ""),
@@ -319,7 +336,8 @@ def main() -> int:
         else:
             raise SystemExit("bench: the proxy's /health never said 200")
         res = asyncio.run(Bench(a, f"http://127.0.0.1:{up_port}",
-                                f"http://127.0.0.1:{proxy_port}", stub, up.pid).run())
+                                f"http://127.0.0.1:{proxy_port}", stub, up.pid,
+                                proxy.pid).run())
     finally:
         for p in reversed(procs):
             p.terminate()

@@ -33,6 +33,12 @@ MEASURES = {  # name: (path in proxy_bench.py's JSON, format)
     "direct req/s": (("throughput", "direct", "rps"), "{:.0f}"),
     "proxy req/s": (("throughput", "proxy", "rps"), "{:.0f}"),
     "proxy/direct": (("throughput", "ratio"), "x{:.3f}"),
+    "CPU/req upstream direct": (("throughput", "direct", "cpu_us_per_request", "upstream"),
+                                "{:.0f} us"),
+    "CPU/req upstream proxied": (("throughput", "proxy", "cpu_us_per_request", "upstream"),
+                                 "{:.0f} us"),
+    "CPU/req proxy": (("throughput", "proxy", "cpu_us_per_request", "proxy"), "{:.0f} us"),
+    "CPU/req client": (("throughput", "direct", "cpu_us_per_request", "client"), "{:.0f} us"),
     "first byte added (ms)": (("first_byte_ms", "added_p50"), "{:+.2f}"),
     "after stream leave (s)": (("generating_after_leave_s", "stream_proxy"), "{:.3f}"),
     "after timeout (s)": (("generating_after_leave_s", "nonstream_timeout_proxy"), "{:.3f}"),
@@ -41,6 +47,8 @@ MEASURES = {  # name: (path in proxy_bench.py's JSON, format)
 
 def pick(res: dict, path: tuple):
     for key in path:
+        if not isinstance(res, dict) or key not in res:
+            return None  # a result of an older proxy_bench.py
         res = res[key]
     return res
 
@@ -48,7 +56,7 @@ def pick(res: dict, path: tuple):
 def summary(runs: list[dict]) -> dict:
     out = {}
     for name, (path, _) in MEASURES.items():
-        values = [pick(r, path) for r in runs if pick(r, path) is not None]
+        values = [v for v in (pick(r, path) for r in runs) if v is not None]
         if values:
             out[name] = {"median": statistics.median(values), "min": min(values),
                          "max": max(values)}
@@ -92,7 +100,7 @@ def main() -> int:
         print(f"  {name}")
         for measure, stats in summary(r).items():
             fmt = MEASURES[measure][1]
-            print(f"    {measure:<24} {fmt.format(stats['median']):>9} "
+            print(f"    {measure:<26} {fmt.format(stats['median']):>9} "
                   f"({fmt.format(stats['min'])} .. {fmt.format(stats['max'])})")
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
