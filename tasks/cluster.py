@@ -208,5 +208,6 @@ def rank_services(cluster: Cluster, server, host_name: str, files_dir: str, labe
             env={**server.env, **cluster.rank_env(rank, files_dir)},
             stdout=posixpath.join(logs_dir, f"{name}.out.log"),
             stderr=posixpath.join(logs_dir, f"{name}.err.log"),
+            port=server.port if rank == 0 else None,  # only rank 0 answers HTTP
         )
     return out

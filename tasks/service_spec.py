@@ -13,6 +13,12 @@ SERVER = "server"
 PROXY = "proxy"
 
 
+def model_servers(services: dict) -> list:
+    """The services that are model servers behind the proxy (each with its port):
+    `server` and, with route_profiles, `server-<profile>`; the watchdog restarts them."""
+    return [svc for svc in services.values() if svc.port is not None]
+
+
 @dataclass(frozen=True)
 class Service:
     name: str  # short name: "server", "proxy"
@@ -33,4 +39,6 @@ class Service:
     # launchd ProcessType Interactive: the server must not be throttled.
     interactive: bool = False
     after: list[str] = field(default_factory=list)  # labels it starts after
-    port: int | None = None  # a server's TCP port (launchd finds its pid by it)
+    # a model server behind the proxy: its TCP port (launchd finds its pid by it; the
+    # watchdog's sudoers rule covers it); None: the proxy, a cluster's rank above 0
+    port: int | None = None

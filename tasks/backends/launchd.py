@@ -26,7 +26,7 @@ from tasks.as_user import as_root, other_route_user
 from tasks.backends.sudoers import watchdog_rule
 from tasks.common import RouteError, paths
 from tasks.launcher import launcher_argv, launcher_sha, upload_launcher
-from tasks.service_spec import SERVER, Service
+from tasks.service_spec import Service, model_servers
 from tasks.templates import render
 from tasks.tuning import server_wait_sysctl
 
@@ -74,7 +74,7 @@ class LaunchdBackend:
         # The launcher writes the logs (StandardOutPath would be launchd's file, never
         # reopened) and sets the open-files limit (NumberOfFiles in a LaunchDaemon would
         # set the system-wide sysctls); the server waits for the plan's GPU wired limit.
-        wait = server_wait_sysctl() if svc.name == SERVER else None
+        wait = server_wait_sysctl() if svc.port is not None else None  # a model server
         return render(
             "launchd/service.plist.j2",
             svc=svc,
@@ -105,7 +105,7 @@ class LaunchdBackend:
                 _sudo_user=self.paths.user if self.sudo else None,
             )
         if self.kind == "system":
-            self.prepare_watchdog(services[SERVER])
+            self.prepare_watchdog(model_servers(services))
         upload_launcher()
         # newsyslog renamed the logs under a service that kept writing into the renamed
         # file; files/route_run.py rotates them now
@@ -131,8 +131,9 @@ class LaunchdBackend:
         """The process listening on the server's port (the route user's own)."""
         return f"/usr/sbin/lsof -t -nP -iTCP:{int(svc.port or host.data.server_port)} -sTCP:LISTEN"
 
-    def prepare_watchdog(self, server: Service) -> None:
-        watchdog_rule(self.paths.user, self.kickstart(server), "kickstart", "wheel", as_root())
+    def prepare_watchdog(self, servers: list[Service]) -> None:
+        watchdog_rule(self.paths.user, [self.kickstart(svc) for svc in servers], "kickstart",
+                      "wheel", as_root())
 
     def install(self, svc: Service, text: str) -> None:
         if self.kind != "system" and other_route_user():

@@ -16,14 +16,15 @@ def sudoers_path() -> str:
     return "/etc/sudoers.d/" + host.data.service_label_prefix.replace(".", "-") + "-watchdog"
 
 
-def sudoers_rule(user: str, command: str) -> str:
-    """One NOPASSWD rule for exactly `command` (an absolute path and its arguments)."""
+def sudoers_rule(user: str, commands: list[str]) -> str:
+    """One NOPASSWD rule for exactly each command (an absolute path and its arguments):
+    one a model server (route_profiles)."""
     return ("# mlx-route: the proxy's watchdog restarts a stuck server "
             "(tasks/backends/sudoers.py)\n"
-            f"{user} ALL=(root) NOPASSWD: {command}\n")
+            + "".join(f"{user} ALL=(root) NOPASSWD: {command}\n" for command in commands))
 
 
-def watchdog_rule(user: str, command: str, verb: str, group: str, root: dict) -> None:
+def watchdog_rule(user: str, commands: list[str], verb: str, group: str, root: dict) -> None:
     """Write the rule when watchdog_enabled, remove it otherwise.
 
     `verb` names what the command does in the operation's name ("kickstart",
@@ -37,6 +38,6 @@ def watchdog_rule(user: str, command: str, verb: str, group: str, root: dict) ->
         raise RouteError(f"{host.name}: route user {user!r} cannot go into a sudoers rule")
     files.put(
         name=f"Let the proxy's watchdog {verb} the server (sudoers, that command only)",
-        src=StringIO(sudoers_rule(user, command)),
+        src=StringIO(sudoers_rule(user, commands)),
         dest=path, user="root", group=group, mode="440", **root,
     )

@@ -13,7 +13,7 @@ from tasks.as_user import as_root, other_route_user
 from tasks.backends.sudoers import watchdog_rule
 from tasks.common import paths
 from tasks.launcher import launcher_argv, launcher_sha, upload_launcher
-from tasks.service_spec import SERVER, Service
+from tasks.service_spec import Service, model_servers
 from tasks.templates import render
 
 UNIT_DIR = "/etc/systemd/system"
@@ -53,8 +53,8 @@ class SystemdBackend:
         user = paths().user
         if runs_as_root(user):
             return
-        watchdog_rule(user, self.restart_unit(services[SERVER]), "restart", "root",
-                      as_root(self.sudo))
+        watchdog_rule(user, [self.restart_unit(svc) for svc in model_servers(services)],
+                      "restart", "root", as_root(self.sudo))
 
     def restart_unit(self, svc: Service) -> str:
         return f"{SYSTEMCTL} restart {svc.label}.service"

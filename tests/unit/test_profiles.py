@@ -5,9 +5,12 @@ budget that holds every model and its prompt cache or refuses the set."""
 from __future__ import annotations
 
 import json
+import os
 import plistlib
 import re
 import runpy
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -158,6 +161,23 @@ def test_the_mac_plan_for_two_profiles_two_servers_and_one_proxy_routing_by_name
     assert "-iTCP:8027" in route["server_pid_command"]
     aliases = [argv[i + 1] for i, a in enumerate(argv) if a == "--alias"]
     assert aliases == ["openai/glm52=glm-5.2", "smol=smollm2-135m"]
+    # the watchdog may restart each server (one sudoers line each), each waits at boot
+    # for the planned GPU wired limit; visudo accepts the two-line rule
+    rules = [line for line in plan.uploads["/etc/sudoers.d/org-mlxroute-watchdog"].splitlines()
+             if not line.startswith("#")]
+    assert rules == [f"milo ALL=(root) NOPASSWD: /bin/launchctl kickstart -k system/{label}"
+                     for label in ("org.mlxroute.server", "org.mlxroute.server-smollm2-135m")]
+    visudo = shutil.which("visudo") or "/usr/sbin/visudo"
+    if os.path.exists(visudo):
+        rule = tmp_path / "rule"
+        rule.write_text(plan.uploads["/etc/sudoers.d/org-mlxroute-watchdog"])
+        rule.chmod(0o440)
+        check = subprocess.run([visudo, "-c", "-f", str(rule)], capture_output=True, text=True,
+                               timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+    for plist in (glm, smol):
+        head = plist["ProgramArguments"][:plist["ProgramArguments"].index("--")]
+        assert "--wait-sysctl" in head
     # route.json tells the host suite what to check: both servers, their names
     manifest = json.loads(plan.uploads[f"{ROUTE}/route.json"])
     assert [(s["profile"], s["service"], s["port"], s["public_name"], s["aliases"])
