@@ -446,14 +446,17 @@ def test_proxy_resets_upstream_so_the_servers_next_write_fails(proxy_factory):
 
 
 def test_proxy_deadline_covers_time_in_the_queue(upstream_stub, proxy_factory):
-    p = proxy_factory(upstream_stub.url, "--concurrency", "1", "--request-timeout-s", "1")
+    """The deadline starts when the request arrives, not when it gets a slot.
+    Times are seconds apart so the two readings stay apart on a loaded machine:
+    counted from arrival the 504 comes at 3 s, counted from the slot at 5.5 s."""
+    p = proxy_factory(upstream_stub.url, "--concurrency", "1", "--request-timeout-s", "3")
     wait_healthy(p.url)
-    slow = {"messages": CHAT, "stream": True, "stub": {"tokens": 300, "delay_s": 0.01}}
-    with httpx.stream("POST", p.url + "/v1/chat/completions", json=slow, timeout=10):
-        time.sleep(0.5)  # the slot is taken until the first request's deadline, at 1 s
+    slow = {"messages": CHAT, "stream": True, "stub": {"tokens": 300, "delay_s": 0.03}}
+    with httpx.stream("POST", p.url + "/v1/chat/completions", json=slow, timeout=20):
+        time.sleep(0.5)  # the slot is taken until the first request's deadline, at 3 s
         t0 = time.monotonic()
-        # Queued 0.5 s, then 1 s of work: only a deadline that counts the queue ends it at 1 s.
-        r = httpx.post(p.url + "/v1/chat/completions", timeout=10,
-                       json={"messages": CHAT, "stub": {"tokens": 1, "delay_s": 1.0}})
+        # Queued 2.5 s, then 5 s of work: only a deadline that counts the queue ends it at 3 s.
+        r = httpx.post(p.url + "/v1/chat/completions", timeout=20,
+                       json={"messages": CHAT, "stub": {"tokens": 1, "delay_s": 5.0}})
         elapsed = time.monotonic() - t0
-    assert r.status_code == 504 and 0.8 < elapsed < 1.3, (r.text, elapsed)
+    assert r.status_code == 504 and 2.7 < elapsed < 4.3, (r.text, elapsed)
