@@ -189,6 +189,15 @@ route_profiles = None
 # neither gets 404 listing the names served; with one, any name goes to it.
 route_aliases = {}
 
+# More servers of a served profile, on other hosts, that this host's proxy
+# spreads that profile's requests over (this host is then the front door):
+# {profile: [{"url": "http://studio2.local:8026", "key_file": "~/.config/mlx-route/studio2.key"}]}
+# where url is the other host's proxy (proxy_host "0.0.0.0" there) and key_file a
+# file on this host, mode 0600, holding that proxy's key (copied from its
+# proxy.key; None: it needs none). A replica that fails is left out until it
+# answers again; a request that never reached one goes to another.
+route_replicas = {}
+
 # --------------------------------------------------------------------------
 # cluster_*: one model served by several ranks (MLX's distributed engine,
 # tasks/cluster.py): give these keys to the cluster's hosts (an inventory group)

@@ -33,6 +33,9 @@ class Served:
     service: str  # "server" (model_profile) or "server-<profile>"
     public_name: str  # the name replies carry when a client sends none
     aliases: tuple[str, ...]  # more names clients may send for it
+    # other servers of this profile the proxy spreads its requests over (route_replicas):
+    # (URL, key file on this host or None)
+    replicas: tuple[tuple[str, str | None], ...] = ()
 
     @property
     def primary(self) -> bool:
@@ -86,7 +89,36 @@ def served(data, who: str) -> list[Served]:
             service=SERVER if name == primary else f"{SERVER}-{name}",
             public_name=(public if name == primary and public else prof["public_name"]),
             aliases=()))
-    return _with_aliases(out, data.get("route_aliases"), who)
+    return _with_replicas(_with_aliases(out, data.get("route_aliases"), who),
+                          data.get("route_replicas"), who)
+
+
+def _with_replicas(out: list[Served], replicas, who: str) -> list[Served]:
+    if replicas is None:
+        replicas = {}
+    example = ('e.g. {"glm-5.2-mxfp4": [{"url": "http://studio2.local:8026", '
+               '"key_file": "~/.config/mlx-route/studio2.key"}]}')
+    if not isinstance(replicas, dict):
+        raise RouteError(f"{who}: route_replicas must be a dict {{profile: [replica, ...]}}, "
+                         f"{example}; got {replicas!r}")
+    by_profile = {s.profile: s for s in out}
+    found: dict[str, list] = {}
+    for name, entries in replicas.items():
+        if name not in by_profile:
+            raise RouteError(f"{who}: route_replicas names {name!r}, which this host does not "
+                             f"serve (route_profiles: {sorted(by_profile)})")
+        if not isinstance(entries, list):
+            raise RouteError(f"{who}: route_replicas[{name!r}] must be a list, {example}")
+        for entry in entries:
+            url = entry.get("url") if isinstance(entry, dict) else None
+            key = entry.get("key_file") if isinstance(entry, dict) else None
+            if (not isinstance(url, str) or not url.startswith(("http://", "https://"))
+                    or not (key is None or isinstance(key, str)) or set(entry) - {"url", "key_file"}):
+                raise RouteError(f"{who}: route_replicas[{name!r}] entry {entry!r} needs a "
+                                 "\"url\" (http:// or https://) and may have a \"key_file\", "
+                                 f"{example}")
+            found.setdefault(name, []).append((url, key))
+    return [Served(**{**s.__dict__, "replicas": tuple(found.get(s.profile, ()))}) for s in out]
 
 
 def _with_aliases(out: list[Served], aliases, who: str) -> list[Served]:

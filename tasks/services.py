@@ -101,6 +101,11 @@ def proxy_service_argv(p: RoutePaths, prof: dict, server: Service | None = None,
     for which in profiles:
         for alias in which.aliases:
             argv += ["--alias", f"{alias}={names[which.profile]}"]
+    for which in profiles:  # other hosts' servers of the profile (route_replicas)
+        for url, key_file in which.replicas:
+            argv += ["--replica", f"{which.public_name}={url}"]
+            if key_file:
+                argv += ["--upstream-key-file", f"{url}={_resolve(p.home, key_file)}"]
     return argv
 
 

@@ -15,7 +15,7 @@ from aiohttp import ClientError, web
 from . import metrics as metrics_mod
 from .admission import Gate, QueueFull
 from .metrics import GENERATION_PATHS, Metrics
-from .routing import UNKNOWN, Router, parse_replicas, parse_routes, route_args
+from .routing import UNKNOWN, Router, parse_key_files, parse_replicas, parse_routes, route_args
 from .sse import (Assembler, BadUpstream, EventSplitter, dumps, dumps_text, event_data, loads,
                   rename_event)
 from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
@@ -77,7 +77,8 @@ class Proxy:
         self.gate = Gate(args.concurrency, args.queue)
         self.metrics = Metrics()
         self.pool = Upstream(args.upstream, args.connect_timeout_s, keep=args.concurrency + 2,
-                             first_byte_timeout_s=args.first_byte_timeout_s)
+                             first_byte_timeout_s=args.first_byte_timeout_s,
+                             key=getattr(args, "upstream_key", None))
         self.ready = False
         self.last_ok = -math.inf  # loop time of the last proof of readiness
         self.last_probe = -math.inf  # loop time the last probe started
@@ -641,6 +642,9 @@ def build_app(args: argparse.Namespace, key: bytes | None) -> web.Application:
                                    getattr(args, "alias", None) or [], args.public_name)
     replicas = parse_replicas(getattr(args, "replica", None) or [],
                               [args.public_name, *(r["name"] for r in routes)])
+    keys = parse_key_files(getattr(args, "upstream_key_file", None) or [],
+                           [r["upstream"] for r in replicas])
+    replicas = [{**r, "key_file": keys.get(r["upstream"])} for r in replicas]
     if routes or replicas:  # several models or replicas, one Proxy each (routing.py)
         models = {args.public_name: [proxy]}
         for route in [*routes, *replicas]:

@@ -15,7 +15,7 @@ import sys
 from aiohttp import web, web_protocol
 
 from .app import build_app, error
-from .routing import RouteSpecError, parse_replicas, parse_routes
+from .routing import RouteSpecError, parse_key_files, parse_replicas, parse_routes
 
 log = logging.getLogger("mlx-route-proxy")
 
@@ -78,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "requests go to the ready replica with the fewest in flight; a replica "
                         "that fails is left out until its probe answers; a request that never "
                         "reached one is retried on another")
+    p.add_argument("--upstream-key-file", action="append", default=[], metavar="URL=PATH",
+                   help="the key of an upstream that needs one (a --replica that is another "
+                        "host's proxy): sent as 'Authorization: Bearer <key>'; mode 0600")
     p.add_argument("--api-key-file", default=None,
                    help="file holding the API key (mode 0600); clients send "
                         "'Authorization: Bearer <key>'")
@@ -132,9 +135,14 @@ def validate(args: argparse.Namespace) -> str | None:
         return f"--queue must be 0 or more (got {args.queue})"
     try:
         routes, _ = parse_routes(args.route, args.alias, args.public_name)
-        parse_replicas(args.replica, [args.public_name, *(r["name"] for r in routes)])
+        replicas = parse_replicas(args.replica, [args.public_name, *(r["name"] for r in routes)])
+        keys = parse_key_files(args.upstream_key_file, [r["upstream"] for r in replicas])
     except RouteSpecError as e:
         return str(e)
+    for path in keys.values():
+        problem = key_file_problem("--upstream-key-file", path)
+        if problem:
+            return problem
     if args.restart_command:
         if not args.server_pid_command:
             return "--restart-command needs --server-pid-command (the watchdog reads its CPU time)"
@@ -148,15 +156,21 @@ def validate(args: argparse.Namespace) -> str | None:
             return (f"refusing to listen on {args.host} without --api-key-file: anyone on the "
                     f"network could use the model; give a key file or use --host 127.0.0.1")
         return None
+    return key_file_problem("--api-key-file", args.api_key_file)
+
+
+def key_file_problem(flag: str, path: str) -> str | None:
+    """What is wrong with a key file (missing, readable by others, too short), or None."""
     try:
-        st = os.stat(args.api_key_file)
+        st = os.stat(path)
     except OSError as e:
-        return f"--api-key-file {args.api_key_file}: {e.strerror}"
+        return f"{flag} {path}: {e.strerror}"
     if st.st_mode & 0o077:
-        return (f"--api-key-file {args.api_key_file} is readable by others "
-                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {args.api_key_file}")
-    if len(read_key(args.api_key_file)) < 16:
-        return f"--api-key-file {args.api_key_file} holds no key of 16 or more characters"
+        return (f"{flag} {path} is readable by others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}")
+    key = read_key(path)
+    if len(key) < 16 or any(c in key for c in b" \t\r\n"):
+        return f"{flag} {path} holds no key of 16 or more characters (and no blanks)"
     return None
 
 
@@ -182,9 +196,9 @@ BEARER = re.compile(r"(?i)(bearer)(\s|\\[rnt]|\\x[0-9a-f]{2})+[^\s'\"\\]+")
 class RedactingFormatter(logging.Formatter):
     """Formats as usual, then removes the key and anything sent as a Bearer token."""
 
-    def __init__(self, fmt: str, key: bytes | None):
+    def __init__(self, fmt: str, key: bytes | None, *more: bytes):
         super().__init__(fmt)
-        self.secrets = [key.decode("utf-8", "replace")] if key else []
+        self.secrets = [k.decode("utf-8", "replace") for k in (key, *more) if k]
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -248,8 +262,9 @@ def main(argv=None) -> int:
         return 2
     key = read_key(args.api_key_file) if args.api_key_file else None
     handler = logging.StreamHandler(sys.stderr)
+    upstream_keys = [read_key(text.partition("=")[2]) for text in args.upstream_key_file]
     handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                            key))
+                                            key, *upstream_keys))
     logging.basicConfig(level=args.log_level, handlers=[handler])
     try:  # in the host lock (requirements/host.in); without it ~0.05 ms more per request
         import uvloop

@@ -83,12 +83,30 @@ def parse_replicas(replicas: list[str], names: list[str]) -> list[dict]:
     return parsed
 
 
+def parse_key_files(key_files: list[str], upstreams: list[str]) -> dict[str, str]:
+    """--upstream-key-file URL=PATH flags: {replica URL: key file}."""
+    out = {}
+    for text in key_files:
+        url, sep, path = text.rpartition("=")
+        if not sep or url not in upstreams or not path:
+            raise RouteSpecError(f"--upstream-key-file {text!r} must be URL=PATH with URL one of "
+                                 f"the --replica URLs: {', '.join(upstreams) or '(none)'}")
+        out[url] = path
+    return out
+
+
+def read_upstream_key(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read().strip()
+
+
 def route_args(args: argparse.Namespace, route: dict) -> argparse.Namespace:
     """The flags of one more model: the proxy's own, with its name, upstream and watchdog."""
     return argparse.Namespace(**{
         **vars(args), "upstream": route["upstream"], "public_name": route["name"],
         "restart_command": route.get("restart_command"),
-        "server_pid_command": route.get("server_pid_command")})
+        "server_pid_command": route.get("server_pid_command"),
+        "upstream_key": read_upstream_key(route["key_file"]) if route.get("key_file") else None})
 
 
 class Router:

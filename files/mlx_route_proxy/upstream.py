@@ -304,7 +304,9 @@ class Upstream:
     """Kept-alive connections to one upstream base URL."""
 
     def __init__(self, base_url: str, connect_timeout_s: float, keep: int,
-                 first_byte_timeout_s: float | None = None):
+                 first_byte_timeout_s: float | None = None, key: bytes | None = None):
+        """`key`: sent as `Authorization: Bearer <key>` (an upstream that is another
+        host's proxy, routing.py's replicas); None: no header."""
         url = urllib.parse.urlsplit(base_url)
         self.host = url.hostname or "127.0.0.1"
         self.port = url.port or (443 if url.scheme == "https" else 80)
@@ -313,6 +315,8 @@ class Upstream:
         host_header = self.host if ":" not in self.host else f"[{self.host}]"
         if url.port:
             host_header += f":{url.port}"
+        if key:  # one more header line after Host, at no cost per request
+            host_header += "\r\nAuthorization: Bearer " + key.decode("latin-1")
         self.host_header = host_header
         self.connect_timeout_s = connect_timeout_s
         self.first_byte_timeout_s = first_byte_timeout_s

@@ -43,6 +43,14 @@ def test_no_route_profiles_is_the_one_profile_on_server_port_as_before():
     assert only.primary
 
 
+def test_replicas_of_a_profile_on_other_hosts():
+    (only,) = served(data(route_replicas={"glm-5.2-mxfp4": [
+        {"url": "http://studio2.local:8026", "key_file": "~/.config/mlx-route/studio2.key"},
+        {"url": "http://10.0.0.3:8026"}]}), "studio")
+    assert only.replicas == (("http://studio2.local:8026", "~/.config/mlx-route/studio2.key"),
+                             ("http://10.0.0.3:8026", None))
+
+
 def test_two_profiles_each_a_service_on_its_port_with_their_aliases():
     first, second = served(data(
         route_profiles={"qwen3-30b": 8012, "glm-5.2-mxfp4": 8025},
@@ -63,6 +71,11 @@ def test_two_profiles_each_a_service_on_its_port_with_their_aliases():
     ({"route_profiles": {"glm-5.2-mxfp4": 8025, "qwen3-30b": "8012"}}, "must be a TCP port"),
     ({"route_profiles": ["glm-5.2-mxfp4"]}, "must be None or a dict"),
     ({"route_aliases": {"qwen": "qwen3-30b"}}, "not a profile this host serves"),
+    ({"route_replicas": {"qwen3-30b": [{"url": "http://s2:8026"}]}}, "which this host does not"),
+    ({"route_replicas": {"glm-5.2-mxfp4": [{"url": "s2:8026"}]}}, 'needs a "url" (http://'),
+    ({"route_replicas": {"glm-5.2-mxfp4": [{"url": "http://s2:8026", "key": "k"}]}},
+     'may have a "key_file"'),
+    ({"route_replicas": {"glm-5.2-mxfp4": "http://s2:8026"}}, "must be a list"),
     ({"route_profiles": {"glm-5.2-mxfp4": 8025, "qwen3-30b": 8012},
       "route_aliases": {"glm-5.2": "qwen3-30b"}}, "already names 'glm-5.2-mxfp4'"),
 ])
@@ -121,12 +134,18 @@ def test_the_steps_written_for_model_profile_see_the_other_profile_then_the_host
     assert hd.override_datas == {"model_dir": "models/GLM-by-hand"}
 
 
+def flag_values(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
 def test_the_mac_plan_for_two_profiles_two_servers_and_one_proxy_routing_by_name(tmp_path):
     """The whole deploy planned by the real pyinfra CLI against the fake 512 GiB Mac
     (tests/fixtures/fake_mac.py: no Mac exists here), serving GLM-5.2 and SmolLM2."""
     plan = run_plan(tmp_path, None,
                     'route_profiles={"glm-5.2-mxfp4": 8025, "smollm2-135m": 8027}',
-                    'route_aliases={"openai/glm52": "glm-5.2-mxfp4", "smol": "smollm2-135m"}')
+                    'route_aliases={"openai/glm52": "glm-5.2-mxfp4", "smol": "smollm2-135m"}',
+                    'route_replicas={"glm-5.2-mxfp4": [{"url": "http://studio2.local:8026", '
+                    '"key_file": "~/.config/mlx-route/studio2.key"}]}')
     assert plan.code == 0, plan.output[-3000:]
     state = f"{ROUTE}/state"
     glm = plistlib.loads(plan.uploads[f"{state}/server.definition.next"].encode())
@@ -159,8 +178,12 @@ def test_the_mac_plan_for_two_profiles_two_servers_and_one_proxy_routing_by_name
     assert route["upstream"] == "http://127.0.0.1:8027"
     assert "org.mlxroute.server-smollm2-135m" in route["restart_command"]
     assert "-iTCP:8027" in route["server_pid_command"]
-    aliases = [argv[i + 1] for i, a in enumerate(argv) if a == "--alias"]
+    aliases = flag_values(argv, "--alias")
     assert aliases == ["openai/glm52=glm-5.2", "smol=smollm2-135m"]
+    # and a second Mac's GLM-5.2 as a replica, with the key file on this Mac
+    assert flag_values(argv, "--replica") == ["glm-5.2=http://studio2.local:8026"]
+    assert flag_values(argv, "--upstream-key-file") == [
+        "http://studio2.local:8026=/Users/milo/.config/mlx-route/studio2.key"]
     # the watchdog may restart each server (one sudoers line each), each waits at boot
     # for the planned GPU wired limit; visudo accepts the two-line rule
     rules = [line for line in plan.uploads["/etc/sudoers.d/org-mlxroute-watchdog"].splitlines()

@@ -122,6 +122,8 @@ def test_one_model_still_takes_any_name(upstream_stub, proxy_factory):
     (["--alias", "x=nope"], "must be NAME=MODEL with MODEL one of the names served"),
     (["--replica", "nope=http://127.0.0.1:1"], "must be MODEL=URL with MODEL one of the names"),
     (["--replica", "default_model=127.0.0.1:1"], "must be an http:// or https:// URL"),
+    (["--upstream-key-file", "http://127.0.0.1:1=/k"], "must be URL=PATH with URL one of the "
+                                                        "--replica URLs"),
 ])
 def test_bad_route_flags_are_refused_with_one_line(flags, words):
     cli = importlib.import_module(load_proxy().__name__ + ".cli")
@@ -159,3 +161,33 @@ def test_replicas_share_the_load_a_dead_one_is_left_out_and_comes_back(
     for _ in range(4):
         c.chat.completions.create(model="glm-5.2", messages=CHAT)
     assert len([g for g in back.generations if g.body.get("max_tokens") != 1]) > served
+
+
+def test_a_replica_behind_another_proxy_gets_its_key_and_the_key_stays_out_of_the_log(
+        upstream_stub, second_stub, proxy_factory, tmp_path):
+    """The front door (one host's proxy) and a replica that is another host's proxy,
+    which takes only requests with its key (as on a LAN)."""
+    key = "r" * 43
+    key_file = tmp_path / "studio2.key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    other = proxy_factory(second_stub.url, "--public-name", "glm-5.2", "--api-key-file",
+                          str(key_file))
+    front = proxy_factory(upstream_stub.url, "--public-name", "glm-5.2", "--log-level", "DEBUG",
+                          "--replica", f"glm-5.2={other.url}",
+                          "--upstream-key-file", f"{other.url}={key_file}")
+    wait_healthy(front.url)
+    c = client(front)
+    for _ in range(4):
+        assert c.chat.completions.create(model="openai/glm52", messages=CHAT).model == \
+            "openai/glm52"
+    # the other host's proxy took some of them, with its key (without it: 401)
+    assert metric(front, f'proxy_replica_requests_total{{model="glm-5.2",upstream="{other.url}",'
+                         'code="200"}') >= 1
+    assert metric(other, 'proxy_requests_total{path="/v1/chat/completions",code="200"}',
+                  headers={"Authorization": f"Bearer {key}"}) >= 1
+    assert key not in front.log()
+    key_file.chmod(0o644)
+    with pytest.raises(RuntimeError, match="--upstream-key-file .* is readable by others"):
+        proxy_factory(upstream_stub.url, "--replica", f"default_model={other.url}",
+                      "--upstream-key-file", f"{other.url}={key_file}")
