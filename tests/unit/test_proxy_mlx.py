@@ -29,6 +29,7 @@ LONG = [{"role": "user", "content": "Write a very long story about a dragon and 
 # mlx_lm/server.py 0.32.2) before it drops the request: up to 0.5 s more, plus
 # CPU-sampling slack.
 STOP_SLACK_S = 0.9
+QUIET_LIMIT_S = 240.0  # bound on waiting for a generation of max_tokens=120 to end
 
 
 def cpu_seconds(pid: int) -> float:
@@ -129,8 +130,11 @@ def test_proxy_stops_generation_when_client_times_out(route, mlx_server):
     # Control: straight to the server, a client timeout leaves it generating.
     with pytest.raises(openai.APITimeoutError):
         sdk(mlx_server.url, timeout=1.0).chat.completions.create(model="default_model", **body)
-    wedged = busy_for(pid, time.monotonic())
+    # until it is idle again (max_tokens bounds it), so the control's tokens
+    # cannot be taken for the proxied request's on a slow, loaded machine
+    wedged = busy_for(pid, time.monotonic(), limit=QUIET_LIMIT_S)
     assert wedged > 3, "control failed: the server stopped by itself"
+    assert wedged < QUIET_LIMIT_S, "the control generation did not end: cannot measure"
 
     with pytest.raises(openai.APITimeoutError):
         sdk(route.url, timeout=1.0).chat.completions.create(model="m", **body)
@@ -143,6 +147,8 @@ def test_proxy_stops_generation_when_client_times_out(route, mlx_server):
 
 
 def test_proxy_stops_generation_when_streaming_client_leaves(route, mlx_server):
+    # start from an idle server (an earlier test's generation would count as ours)
+    assert busy_for(mlx_server.proc.pid, time.monotonic(), limit=QUIET_LIMIT_S) < QUIET_LIMIT_S
     stream = sdk(route.url).chat.completions.create(model="m", messages=LONG, max_tokens=120,
                                                     temperature=0, stream=True)
     arrivals = []
