@@ -159,6 +159,22 @@ def fresh_mac() -> dict:
 
 scripted = scripted_state(os.environ.get("MLXROUTE_FAKE_MAC_STATE"))
 
+# MLXROUTE_FAKE_MAC_CLUSTER=ring or jaccl: two fresh Mac Studios that serve one
+# model together over Thunderbolt (tasks/cluster.py): a Thunderbolt bridge with
+# an address each, and for jaccl the RDMA device towards the other Mac.
+_CLUSTER_BACKEND = os.environ.get("MLXROUTE_FAKE_MAC_CLUSTER")
+_CLUSTER_HOSTS = ["@fake/mac-studio", "@fake/mac-studio-2"]
+_CLUSTER_IPS = ["10.0.7.1", "10.0.7.2"]
+_CLUSTER_RDMA = [[None, "rdma_en3"], ["rdma_en3", None]]
+
+
+def _cluster_data(backend: str) -> dict:
+    ranks = []
+    for name, ip, rdma in zip(_CLUSTER_HOSTS, _CLUSTER_IPS, _CLUSTER_RDMA):
+        ranks.append({"host": name, "ip": ip, **({"rdma": rdma} if backend == "jaccl" else {})})
+    return {"cluster_ranks": ranks, "cluster_backend": backend}
+
+
 hosts = [
     ("@fake/mac-studio", {
         # the scripted state first: the first matching answer wins
@@ -173,3 +189,6 @@ hosts = [
         "proxy_api_key": True,
     }),
 ]
+
+if _CLUSTER_BACKEND:
+    hosts = [(name, {**hosts[0][1], **_cluster_data(_CLUSTER_BACKEND)}) for name in _CLUSTER_HOSTS]

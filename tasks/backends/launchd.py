@@ -104,7 +104,7 @@ class LaunchdBackend:
                 _sudo=self.sudo,
                 _sudo_user=self.paths.user if self.sudo else None,
             )
-        if self.kind == "system":
+        if self.kind == "system" and model_servers(services):  # a cluster's rank-only host: none
             self.prepare_watchdog(model_servers(services))
         upload_launcher()
         # newsyslog renamed the logs under a service that kept writing into the renamed

@@ -51,7 +51,7 @@ class SystemdBackend:
     def prepare(self, services: dict[str, Service]) -> None:
         upload_launcher()
         user = paths().user
-        if runs_as_root(user):
+        if runs_as_root(user) or not model_servers(services):  # a cluster's rank-only host: none
             return
         watchdog_rule(user, [self.restart_unit(svc) for svc in model_servers(services)],
                       "restart", "root", as_root(self.sudo))

@@ -107,6 +107,19 @@ def test_server_runs_under_its_service_manager(host, route):
     assert ok, f"the server is not running under {route['backend']}: {status}"
 
 
+def test_every_cluster_rank_runs_under_its_service_manager(host, route):
+    """A cluster (tasks/cluster.py): this host's other ranks, server-rankN, run too."""
+    ranks = sorted(name for name in route["service_running"] if name.startswith("server-rank"))
+    if not ranks:
+        pytest.skip("no cluster ranks on this host besides the server (cluster_ranks is empty)")
+    down = {}
+    for name in ranks:
+        ok, status = service_running(host, route, name)
+        if not ok:
+            down[name] = status
+    assert not down, f"cluster ranks not running under {route['backend']}: {down}"
+
+
 def test_proxy_runs_under_its_service_manager(host, route):
     ok, status = service_running(host, route, "proxy")
     assert ok, f"the proxy is not running under {route['backend']}: {status}"

@@ -16,10 +16,12 @@ import os
 import plistlib
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 
-from tests.fixtures.fake_mac import after, run_plan
+from tests.fixtures.fake_mac import INVENTORY, REPO, after, run_plan
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -552,3 +554,79 @@ def test_route_user_other_than_the_ssh_user_is_planned_without_setfacl(tmp_path)
         assert f"chown root:wheel {path}" in plan.sudo
     (switch,) = plan.matching(r"routectl\.py switch ")
     assert switch in plan.sudo and switch not in plan.sudo_user  # launchctl for the system domain
+
+
+# --------------------------------------------------------------------------
+# Two Macs, one model (tasks/cluster.py): inventories/fake_mac.py with
+# MLXROUTE_FAKE_MAC_CLUSTER=ring|jaccl plans two fresh Mac Studios over Thunderbolt
+# --------------------------------------------------------------------------
+
+MAC_A, MAC_B = "@fake/mac-studio", "@fake/mac-studio-2"
+CLUSTER_DIR = f"{ROUTE}/cluster"
+
+
+def cluster_plan(tmp_path, backend: str) -> tuple[dict, dict, str]:
+    """({host: {dest: content}}, {host: [commands]}, log) of the plan for both Macs."""
+    record = tmp_path / f"cluster-{backend}.jsonl"
+    record.touch()
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYINFRA_FAKE_DELAY": "0",
+           "MLXROUTE_FAKE_MAC_CLUSTER": backend}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.fixtures.fake_mac_cli", str(record), "-y", "-vv", "--json",
+         str(INVENTORY), "deploy.py"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    uploads: dict = {MAC_A: {}, MAC_B: {}}
+    commands: dict = {MAC_A: [], MAC_B: []}
+    for line in record.read_text().splitlines():
+        item = json.loads(line)
+        if "dest" in item:
+            uploads[item["host"]][item["dest"]] = item["content"]
+        else:
+            commands[item["host"]].append(item["command"])
+    return uploads, commands, proc.stderr
+
+
+@pytest.mark.parametrize("backend", ["ring", "jaccl"])
+def test_two_macs_serve_one_model_over_thunderbolt(tmp_path, backend):
+    uploads, commands, log = cluster_plan(tmp_path, backend)
+    # the same hostfile on both Macs: what `mlx.launch --hostfile` reads
+    hostfile = json.loads(uploads[MAC_A][f"{CLUSTER_DIR}/hostfile.json"])
+    assert uploads[MAC_B][f"{CLUSTER_DIR}/hostfile.json"] == uploads[MAC_A][
+        f"{CLUSTER_DIR}/hostfile.json"]
+    assert hostfile["backend"] == backend
+    assert [(h["ssh"], h["ips"]) for h in hostfile["hosts"]] == [
+        (MAC_A, ["10.0.7.1"]), (MAC_B, ["10.0.7.2"])]
+    if backend == "ring":
+        assert json.loads(uploads[MAC_B][f"{CLUSTER_DIR}/ring.json"]) == [
+            ["10.0.7.1:32323"], ["10.0.7.2:32324"]]
+        rank_env = {"MLX_HOSTFILE": f"{CLUSTER_DIR}/ring.json"}
+    else:
+        assert json.loads(uploads[MAC_B][f"{CLUSTER_DIR}/ibv_devices.json"]) == [
+            [None, "rdma_en3"], ["rdma_en3", None]]
+        rank_env = {"MLX_IBV_DEVICES": f"{CLUSTER_DIR}/ibv_devices.json",
+                    "MLX_JACCL_COORDINATOR": "10.0.7.1:32323"}
+    # Mac A: rank 0 is the server (its plist staged for the switch) behind the proxy
+    rank0 = plistlib.loads(uploads[MAC_A][STAGED].encode())
+    assert rank0["Label"] == SERVER
+    assert rank0["EnvironmentVariables"]["MLX_RANK"] == "0"
+    assert rank_env.items() <= rank0["EnvironmentVariables"].items()
+    assert PROXY_PLIST in uploads[MAC_A]
+    (switch,) = [c for c in commands[MAC_A] if "routectl.py switch " in c]
+    argv = shlex.split(switch)
+    assert argv[argv.index("--smoke") + 1] == "null"  # no Mac holds the whole model
+    assert argv[argv.index("--strategy") + 1] == "stop-first"
+    # Mac B: rank 1 as a LaunchDaemon of its own, no proxy, no switch, no route.json
+    rank1_plist = f"{DAEMONS}/org.mlxroute.server-rank1.plist"
+    rank1 = plistlib.loads(uploads[MAC_B][rank1_plist].encode())
+    assert rank1["Label"] == "org.mlxroute.server-rank1"
+    assert rank1["EnvironmentVariables"]["MLX_RANK"] == "1"
+    assert rank_env.items() <= rank1["EnvironmentVariables"].items()
+    assert rank1["KeepAlive"] and rank1["RunAtLoad"]
+    assert "mlx_lm.server" in rank1["ProgramArguments"]
+    assert PROXY_PLIST not in uploads[MAC_B] and STAGED not in uploads[MAC_B]
+    assert f"{ROUTE}/route.json" not in uploads[MAC_B]
+    assert not [c for c in commands[MAC_B] if "routectl.py switch " in c]
+    assert any(f"launchctl bootstrap system {rank1_plist}" in c for c in commands[MAC_B])
+    # each Mac's budget holds half of GLM-5.2 (368 GiB x 1.1 / 2)
+    assert log.count("model 202.40") == 2, log[-3000:]

@@ -21,7 +21,8 @@ VENV = Path(sys.executable).parent.parent
 PYINFRA = str(VENV / "bin" / "pyinfra")
 APPLY_OP = (
     "Apply mlx-lm patches mlx_lm-0001-glm-indexshare.patch, mlx_lm-0002-serve-any-model.patch, "
-    "mlx_lm-0003-stop-cancelled-promptly.patch, mlx_lm-0004-keep-generation-loop-alive.patch"
+    "mlx_lm-0003-stop-cancelled-promptly.patch, mlx_lm-0004-keep-generation-loop-alive.patch, "
+    "mlx_lm-0005-distributed-rank-exits.patch"
 )
 
 pytestmark = pytest.mark.timeout(300)
