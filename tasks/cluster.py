@@ -68,10 +68,13 @@ class Cluster:
         return len(self.local_ranks(host_name)) / self.size
 
     def launch_hostfile(self) -> dict:
-        """The hostfile of `mlx.launch --hostfile` (mlx 0.32: backend, envs, hosts)."""
+        """The hostfile of `mlx.launch --hostfile` (mlx 0.32: backend, envs, hosts):
+        each host by its inventory name (its SSH name), @local as 127.0.0.1."""
         hosts = []
         for rank in self.ranks:
-            entry = {"ssh": rank.host, "ips": [rank.ip]}
+            # mlx.launch runs a rank on 127.0.0.1 without SSH; other names go to `ssh`
+            ssh = "127.0.0.1" if rank.host == "@local" else rank.host
+            entry = {"ssh": ssh, "ips": [rank.ip]}
             if rank.rdma is not None:
                 entry["rdma"] = list(rank.rdma)
             hosts.append(entry)
