@@ -65,6 +65,7 @@ model, tok = sharded_load(path) if group.size() > 1 else load(path)
 for i, text in enumerate(prompts):
     ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
     logits = model(mx.array([ids]))[0].astype(mx.float32)
+    mx.eval(logits)  # on every rank: each holds a part of every layer
     if group.rank() == 0:
         np.save(f"{out}-{i}.npy", np.array(logits))
 """
