@@ -36,6 +36,9 @@ time, and the failure classes (agent timeout, test failure, HTTP errors from
 the route, model output the agent could not use, harness errors). The
 deploy's route report lists them next to the field report's row.
 
+Ctrl-C stops tb (which stops its containers) and still writes the summary:
+the trials that did not finish count as harness errors.
+
 Exit: tb's own status for `run` (2 when tb left no results); 2 when the open-
 files limit or Docker is missing; 1 with one line on stderr for bad settings.
 """
@@ -48,6 +51,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -349,13 +353,27 @@ def cmd_run(config: dict, args) -> int:
     rid = args.run_id or run_id(multiplier)
     out_dir = os.path.join(os.path.expanduser(config["runs_dir"]), label)
     os.makedirs(out_dir, exist_ok=True)
+    if args.api_base:
+        config = dict(config, api_base=args.api_base.rstrip("/"))
     argv = tb_argv(config, multiplier, rid, out_dir, args.dataset_path, args.task_id or [])
     print(f"tb-route: {label} run {rid}, open files {soft}, key "
           f"{'from ' + config['key_file'] if config.get('key_file') else 'none (proxy without key)'}",
           flush=True)
     print("tb-route: " + " ".join(argv), flush=True)
     started = time.monotonic()
-    proc = subprocess.run(argv, env=env)
+    proc = subprocess.Popen(argv, env=env)
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C: let tb stop its trial and its containers, then summarize what ran
+        print("tb-route: interrupted: stopping tb (its containers too), then summarizing",
+              file=sys.stderr, flush=True)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(300)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            proc.kill()
+            proc.wait()
     wall = round(time.monotonic() - started, 1)
     run_dir = Path(out_dir) / rid
     if not run_dir.is_dir():
@@ -428,6 +446,8 @@ def parse_args(argv=None):
     run.add_argument("--dataset-path", default=None, help="a local folder of tasks instead")
     run.add_argument("--task-id", action="append", help="only these tasks (repeatable)")
     run.add_argument("--run-id", default=None, help="default: <UTC date>__<regime>")
+    run.add_argument("--api-base", default=None,
+                     help="another URL of the route (same key) than workload_api_base's")
     check = sub.add_parser("check", help="LiteLLM: a chat and a tool call through the route")
     check.add_argument("--timeout-s", type=float, default=600)
     summ = sub.add_parser("summarize", help="(re)write RUN_DIR/summary.json")

@@ -9,10 +9,12 @@ locks, tb-route, Hermes' provider) on @local; then, as a user would:
 - `tb-route run` on a local dataset of one tiny task whose image is built
   offline (tests/fixtures/docker_host.py: Debian's docker.io, a debootstrap
   base image, the compose stand-in where the v2 plugin is missing): tb's
-  harness with terminus-2 (bounded to one episode) runs end to end in the
-  stock regime, and its summary says what happened (the small model may well
-  fail the task: the test asserts the harness finished, the classes and the
-  labels, not a score);
+  harness with terminus-2 runs end to end in the stock regime, and its
+  summary says what happened. The small model fails the task, as expected:
+  its replies never end, terminus-2 re-asks until the route's body limit
+  answers 413, and the summary counts that trial as an HTTP error from the
+  route (SERVER_MAX_TOKENS, TB_PROXY_MAX_BODY_BYTES below). The test asserts
+  the harness finished, the class and the labels, not a score;
 - the route report lists the run in the stock table next to the field
   report's row;
 - the host suite's Hermes gate runs by default (not skipped) and passes with
@@ -52,11 +54,19 @@ PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
 PROFILE = model_profiles["smollm2-135m"]
 TASK = "mlx-route-hello"
 # terminus-2 sends no max_tokens, so the server's default caps each reply. At
-# temperature 0 the 135M model never ends a reply by itself: with the profile's
-# 256 every turn decodes 256 tokens, hits the limit, and terminus-2 asks again
-# (up to 6 calls, over 6 min here). A lower default bounds the run; requests
-# that name max_tokens (LiteLLM's check, Hermes) are not affected.
+# temperature 0 the 135M model never ends a reply by itself ("```" lines until
+# the cap): each turn is cut at the cap, and terminus-2 (0.2.18) answers an
+# over-long reply by re-asking recursively, with no bound but the context.
+# A low cap keeps each of those calls short...
 SERVER_MAX_TOKENS = 48
+# ... and the proxy's real request body limit (proxy_max_body_bytes) ends the
+# loop: the run goes through a second proxy of the route (same server, same
+# key) whose limit lets terminus-2's first turn through (~3.3 KB: one real
+# answer from the model) but not its second (~4.2 KB): the route answers 413,
+# LiteLLM gives up after its retries, and the trial ends as an agent error
+# whose logs quote the route's HTTP error: the summary's "HTTP error from the
+# route" class, end to end. LiteLLM's check and Hermes (~6.8 KB) use the first.
+TB_PROXY_MAX_BODY_BYTES = 3800
 # a Hermes config as its user left it: another provider that must survive byte for byte
 USER_HERMES_CONFIG = """\
 # written by hand
@@ -129,14 +139,20 @@ def write_dataset(root: Path, base_image: str) -> Path:
 
 
 def proxy_counts(proxy, key: str) -> dict:
+    """The proxy's own request counters (its /metrics): "chat_200" (answered chats)
+    and the total of every other status code, whatever the path."""
     request = urllib.request.Request(f"{proxy.url}/metrics",
                                      headers={"Authorization": f"Bearer {key}"})
     with urllib.request.urlopen(request, timeout=30) as reply:
         text = reply.read().decode()
-    counts = {}
-    for code, n in re.findall(
-            r'proxy_requests_total\{path="/v1/chat/completions",code="(\d+)"\} (\d+)', text):
-        counts[code] = int(n)
+    counts = {"chat_200": 0}
+    for path, code, n in re.findall(
+            r'proxy_requests_total\{path="([^"]*)",code="(\d+)"\} (\d+)', text):
+        if code == "200":
+            if path == "/v1/chat/completions":
+                counts["chat_200"] += int(n)
+        else:
+            counts[code] = counts.get(code, 0) + int(n)
     return counts
 
 
@@ -161,10 +177,16 @@ def stage(tmp_path_factory, smollm2_model_dir, artifacts_dir):
     server = start_mlx_server(smollm2_model_dir, work / "server.log", work / "hf-cache",
                               server_args={**PROFILE["server_args"],
                                            "max-tokens": SERVER_MAX_TOKENS})
+    proxy = None
     try:
         proxy = start_proxy(server.url, "--public-name", PROFILE["public_name"],
                             "--api-key-file", str(key_file), log_path=work / "proxy.log")
+        tb_proxy = start_proxy(server.url, "--public-name", PROFILE["public_name"],
+                               "--api-key-file", str(key_file), "--max-body-bytes",
+                               str(TB_PROXY_MAX_BODY_BYTES), log_path=work / "tb-proxy.log")
     except BaseException:
+        if proxy is not None:
+            proxy.stop()
         server.stop()
         dock.close()
         raise
@@ -194,13 +216,15 @@ def stage(tmp_path_factory, smollm2_model_dir, artifacts_dir):
                             capture_output=True, text=True, timeout=1500,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     timings["pyinfra_workload_s"] = round(time.monotonic() - started, 1)
-    stage = {"work": work, "dock": dock, "proxy": proxy, "key": key, "key_file": key_file,
+    stage = {"work": work, "dock": dock, "proxy": proxy, "tb_proxy": tb_proxy, "key": key,
+             "key_file": key_file,
              "data": data, "deploy": deploy, "timings": timings,
              "route_home": Path(data["route_home"]), "hermes_home": hermes_home}
     try:
         yield stage
     finally:
         proxy.stop()
+        tb_proxy.stop()
         server.stop()
         images = docker("images", "--format", "{{.Repository}}:{{.Tag}}", check=False).stdout
         for image in images.split():
@@ -248,13 +272,13 @@ def test_litellm_completes_a_chat_and_a_tool_call_through_the_route(stage):
     assert out["tool_call"]["finish_reason"] == "tool_calls"
     assert out["tool_call"]["calls"] == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
     after = proxy_counts(stage["proxy"], stage["key"])
-    assert after.get("200", 0) - before.get("200", 0) == 2 and "401" not in after
+    assert after["chat_200"] - before["chat_200"] == 2 and "401" not in after, after
 
 
 def test_terminal_bench_runs_end_to_end_in_the_stock_regime(stage):
-    before = proxy_counts(stage["proxy"], stage["key"])
+    before = proxy_counts(stage["tb_proxy"], stage["key"])
     started = time.monotonic()
-    proc = tb_route(stage, "run", timeout=1500)
+    proc = tb_route(stage, "run", "--api-base", f"{stage['tb_proxy'].url}/v1", timeout=1500)
     stage["timings"]["tb_run_s"] = round(time.monotonic() - started, 1)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
@@ -267,14 +291,17 @@ def test_terminal_bench_runs_end_to_end_in_the_stock_regime(stage):
     assert summary["stock"] is True and summary["finished"] is True
     assert summary["total"] == 1 and summary["agent"] == "terminus-2"
     assert summary["resolved"] + sum(summary["classes"].values()) == 1
-    # the harness itself worked: the trial ran its tests or its agent timed out
+    # the harness itself worked; the trial ended on the route's 413 (see TB_PROXY_MAX_BODY_BYTES)
     assert summary["classes"]["harness_error"] == 0, summary
     trial = summary["trials"][0]
-    assert trial["task_id"] == TASK and trial["failure_mode"] != "unknown_agent_error"
-    assert summary["invocation"]["api_base"] == stage["data"]["workload_api_base"]
-    # terminus-2 reached the route with the key (no 401), through LiteLLM
-    after = proxy_counts(stage["proxy"], stage["key"])
-    assert after.get("200", 0) > before.get("200", 0) and "401" not in after
+    assert trial["task_id"] == TASK, trial
+    assert summary["invocation"]["api_base"] == f"{stage['tb_proxy'].url}/v1"
+    after = proxy_counts(stage["tb_proxy"], stage["key"])
+    # terminus-2 reached the route with the key (no 401) through LiteLLM, until the 413s
+    assert after["chat_200"] > before["chat_200"] and "401" not in after, after
+    assert after.get("413", 0) > before.get("413", 0), after
+    assert trial["failure_mode"] == "unknown_agent_error" and trial["http_errors"] > 0, trial
+    assert summary["classes"]["route_http_error"] == 1 and summary["resolved"] == 0, summary
     assert "[stock]" in proc.stdout and "__stock" in proc.stdout
     stage["summary"] = summary
 
