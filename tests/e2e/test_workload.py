@@ -331,6 +331,8 @@ def route_json(stage, workload: dict) -> dict:
     return {
         "profile": "smollm2-135m", "public_name": PROFILE["public_name"],
         "smoke": PROFILE["smoke"], "gates": PROFILE["gates"], "bench": PROFILE["bench"],
+        # the interpreter route_report runs files/probes.py with (stdlib only here)
+        "venv": sys.prefix,
         "model_dir": "", "server": {"host": "127.0.0.1", "port": 0},
         "proxy": {"host": "127.0.0.1", "port": stage["proxy"].port,
                   "key_file": str(stage["key_file"])},
