@@ -48,8 +48,7 @@ RANKS = 3
 # (float32; the all-reduce sums partial products in another order): measured
 # 3e-5 here (README), bounded with room to spare
 LOGIT_TOLERANCE = 1e-3
-PROMPTS = ["What is the capital of France?", "List three prime numbers.",
-           "Explain what a CPU does in one sentence."]
+PROMPTS = ["What is the capital of France?", "Explain what a CPU does in one sentence."]
 LONG_PROMPT = "Summarize this text in one sentence. " + " ".join(
     f"Line {i}: the river carries water from the hills to the sea." for i in range(8))
 
@@ -83,6 +82,8 @@ class Cluster:
             f"model_root={base / 'models'}", f"route_logs_dir={base / 'logs'}",
             f"server_port={self.server_port}", f"proxy_port={self.proxy_port}",
             "service_label_prefix=org.mlxroute-cluster-test", "verify_enabled=False",
+            # ranks blocked in a collective take SIGTERM late: SIGKILL them sooner
+            "service_stop_timeout_s=5",
             f"cluster_ranks={json.dumps(ranks)}", f"cluster_port={self.ring_port}",
         ]
 
@@ -122,7 +123,7 @@ def post(port: int, body: dict, timeout: float = 300):
         return err.code, dict(err.headers), err.read()
 
 
-def greedy(port: int, text: str, max_tokens: int = 24) -> str:
+def greedy(port: int, text: str, max_tokens: int = 16) -> str:
     """At temperature 0; mlx_lm.server's own name for the model it serves."""
     status, _, body = post(port, {"model": "default_model", "temperature": 0.0,
                                   "max_tokens": max_tokens,
@@ -131,7 +132,7 @@ def greedy(port: int, text: str, max_tokens: int = 24) -> str:
     return json.loads(body)["choices"][0]["message"]["content"]
 
 
-def rates(port: int, text: str, max_tokens: int = 24) -> dict:
+def rates(port: int, text: str, max_tokens: int = 12) -> dict:
     """Streamed: prefill = prompt tokens / time to first token, decode = the rest."""
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -249,20 +250,34 @@ def test_a_dead_rank_takes_the_route_down_and_the_group_comes_back(cluster):
     before = cluster.pids()
     assert all(before.values()), before
     os.kill(before["server-rank1"], signal.SIGKILL)
-    seen_503 = None
-    deadline = time.monotonic() + 240
+    seen_503, waited = None, []
+    # the restarted group loads the model again on its first request (lazily, every
+    # rank): minutes on 2 loaded cores
+    deadline = time.monotonic() + 420
+
+    def logs() -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-1500:]}"
+                         for log in sorted((cluster.base / "logs").glob("server*.err.log")))
+
     while True:
-        status, headers, body = post(cluster.proxy_port, {
-            "model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]},
-            timeout=120)
+        try:
+            status, headers, body = post(cluster.proxy_port, {
+                "model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]},
+                timeout=30)
+        except (TimeoutError, OSError) as exc:  # a request taken by the group as it broke
+            waited.append(repr(exc))
+            status, headers, body = None, {}, b""
         if status == 503:
             seen_503 = seen_503 or headers
         elif status == 200 and seen_503:
             break
         else:
-            assert status in (200, 503), (status, body[:300])
-        assert time.monotonic() < deadline, f"the group did not come back: {cluster.ctl('status')}"
+            assert status in (200, None), (status, body[:300])
+        assert time.monotonic() < deadline, (f"the group did not come back: {cluster.ctl('status')}"
+                                             f" {waited}\n{logs()}")
         time.sleep(1)
     assert {k.lower(): v for k, v in seen_503.items()}.get("retry-after"), seen_503
     after = cluster.pids()
     assert all(after[name] != before[name] for name in before), (before, after)
+    print(f"\nrank 1 killed: route back after {420 - (deadline - time.monotonic()):.0f} s; "
+          f"requests that timed out meanwhile: {len(waited)}")
