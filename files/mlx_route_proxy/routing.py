@@ -57,11 +57,9 @@ def parse_routes(routes: list[str], aliases: list[str], first: str) -> tuple[lis
         names.add(route["name"])
         parsed.append(route)
     table = {}
+    usage = f"NAME=MODEL with MODEL one of the names served: {', '.join(sorted(names))}"
     for text in aliases:
-        alias, sep, target = text.partition("=")
-        if not sep or not alias or target not in names:
-            raise RouteSpecError(f"--alias {text!r} must be NAME=MODEL with MODEL one of the "
-                                 f"names served: {', '.join(sorted(names))}")
+        alias, target = flag_pair("--alias", text, usage, lambda _, model: model in names)
         if alias in names or table.get(alias, target) != target:
             raise RouteSpecError(f"--alias {text!r}: {alias!r} already names a model")
         table[alias] = target
@@ -71,11 +69,9 @@ def parse_routes(routes: list[str], aliases: list[str], first: str) -> tuple[lis
 def parse_replicas(replicas: list[str], names: list[str]) -> list[dict]:
     """--replica MODEL=URL flags as routes ({"name", "upstream"}) of known models."""
     parsed = []
+    usage = f"MODEL=URL with MODEL one of the names served: {', '.join(names)}"
     for text in replicas:
-        model, sep, url = text.partition("=")
-        if not sep or model not in names:
-            raise RouteSpecError(f"--replica {text!r} must be MODEL=URL with MODEL one of the "
-                                 f"names served: {', '.join(names)}")
+        model, url = flag_pair("--replica", text, usage, lambda name, _: name in names)
         if not url.startswith(("http://", "https://")):
             raise RouteSpecError(f"--replica {text!r}: {url!r} must be an http:// or https:// "
                                  "URL")
@@ -86,13 +82,21 @@ def parse_replicas(replicas: list[str], names: list[str]) -> list[dict]:
 def parse_key_files(key_files: list[str], upstreams: list[str]) -> dict[str, str]:
     """--upstream-key-file URL=PATH flags: {replica URL: key file}."""
     out = {}
+    usage = f"URL=PATH with URL one of the --replica URLs: {', '.join(upstreams) or '(none)'}"
     for text in key_files:
-        url, sep, path = text.rpartition("=")
-        if not sep or url not in upstreams or not path:
-            raise RouteSpecError(f"--upstream-key-file {text!r} must be URL=PATH with URL one of "
-                                 f"the --replica URLs: {', '.join(upstreams) or '(none)'}")
+        url, path = flag_pair("--upstream-key-file", text, usage,
+                              lambda name, value: name in upstreams and bool(value), last=True)
         out[url] = path
     return out
+
+
+def flag_pair(flag: str, text: str, usage: str, valid, last: bool = False) -> tuple[str, str]:
+    """A NAME=VALUE flag split at its first "=" (its last with `last`: URLs hold "="),
+    refused with the flag's usage unless both sides are there and valid(name, value)."""
+    name, sep, value = text.rpartition("=") if last else text.partition("=")
+    if not sep or not name or not valid(name, value):
+        raise RouteSpecError(f"{flag} {text!r} must be {usage}")
+    return name, value
 
 
 def read_upstream_key(path: str) -> bytes:
