@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.templates import render
+from tests.fixtures.supervisord import start as start_supervisord
 from tests.fixtures.artifacts import venv_root_on
 
 pytestmark = pytest.mark.timeout(180)
@@ -117,15 +117,7 @@ def run_supervisord(tmp_path: Path, command: list[str]) -> subprocess.Popen:
         # SIGTERM to the whole group, as launchd does when a job exits
         "autorestart=true\nstartsecs=1\nstopwaitsecs=30\nstopasgroup=true\n"
         "stdout_logfile=NONE\nstderr_logfile=NONE\n")
-    conf = tmp_path / "supervisord.conf"
-    conf.write_text(render(
-        "supervisor/supervisord.conf.j2", sock=tmp_path / "s.sock", pidfile=tmp_path / "s.pid",
-        logfile=tmp_path / "supervisord.log", conf_d=conf_d, home=tmp_path, nofile=1024,
-        log_max_mb=10, log_keep=3,
-    ))
-    return subprocess.Popen([str(BIN / "supervisord"), "-n", "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return start_supervisord(tmp_path, conf_d)
 
 
 def ctl(tmp_path: Path, *words: str) -> str:

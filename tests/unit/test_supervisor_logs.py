@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.templates import render
+from tests.fixtures.supervisord import start as start_supervisord
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -84,15 +84,7 @@ def run_supervisord(tmp_path: Path, program: str) -> subprocess.Popen:
     conf_d.mkdir()
     (tmp_path / "logs").mkdir(exist_ok=True)
     (conf_d / "server.conf").write_text(program)
-    conf = tmp_path / "supervisord.conf"
-    conf.write_text(render(
-        "supervisor/supervisord.conf.j2", sock=tmp_path / "s.sock", pidfile=tmp_path / "s.pid",
-        logfile=tmp_path / "supervisord.log", conf_d=conf_d, home=tmp_path, nofile=1024,
-        log_max_mb=10, log_keep=3,
-    ))
-    return subprocess.Popen([str(BIN / "supervisord"), "-n", "-c", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return start_supervisord(tmp_path, conf_d)
 
 
 def stop(proc: subprocess.Popen) -> None:
