@@ -198,6 +198,32 @@ route_aliases = {}
 # answers again; a request that never reached one goes to another.
 route_replicas = {}
 
+# Which replica of a profile takes a request (files/mlx_route_proxy/affinity.py):
+#   "cache-aware"  the replica that was sent the longest prefix of the prompt
+#                  (its prompt cache likely still holds it: a turn of a long
+#                  conversation then costs only its new tokens), unless it has
+#                  route_affinity_max_imbalance more generations than the least
+#                  busy one, or matches less than route_affinity_min_match of
+#                  the prompt: then the least busy one (SGLang's router's policy)
+#   "least-busy"   the ready replica with the fewest generations in flight
+#   "round-robin"  in turn
+# [--replica-policy]. Measured: README, "Several models on one host".
+route_replica_policy = "cache-aware"
+# Share of the prompt (0-1] a replica must have been sent for the cache-aware
+# policy to prefer it [--affinity-min-match].
+route_affinity_min_match = 0.5
+# How many more generations (in flight and queued) the best-matching replica may
+# have than the least busy one before the least busy one takes the request
+# [--affinity-max-imbalance].
+route_affinity_max_imbalance = 4
+# Prompt blocks the proxy remembers per replica (about 100 bytes each; least
+# recently used forgotten first): 65536 blocks of 256 characters is ~16 M
+# characters, more than a 512 GiB Mac's prompt caches hold
+# [--affinity-max-entries]. Characters of prompt text a block holds, the unit of
+# a match [--affinity-block-chars].
+route_affinity_max_entries = 65536
+route_affinity_block_chars = 256
+
 # --------------------------------------------------------------------------
 # cluster_*: one model served by several ranks (MLX's distributed engine,
 # tasks/cluster.py): give these keys to the cluster's hosts (an inventory group)

@@ -20,6 +20,15 @@ LIMIT_FLAGS = {
     "proxy_log_level": "--log-level",
 }
 
+# data key -> replica policy flag (files/mlx_route_proxy/affinity.py); used with route_replicas.
+ROUTING_FLAGS = {
+    "route_replica_policy": "--replica-policy",
+    "route_affinity_min_match": "--affinity-min-match",
+    "route_affinity_max_imbalance": "--affinity-max-imbalance",
+    "route_affinity_max_entries": "--affinity-max-entries",
+    "route_affinity_block_chars": "--affinity-block-chars",
+}
+
 # data key -> watchdog flag (files/mlx_route_proxy/watchdog.py), passed when watchdog_enabled.
 WATCHDOG_FLAGS = {
     "watchdog_stuck_s": "--watchdog-stuck-s",
@@ -48,7 +57,7 @@ def proxy_argv(python: str, script: str, key_file: str | None, data,
         argv += ["--api-key-file", key_file]
     if maintenance_file:
         argv += ["--maintenance-file", maintenance_file]
-    for key, flag in LIMIT_FLAGS.items():
+    for key, flag in {**LIMIT_FLAGS, **ROUTING_FLAGS}.items():
         value = data.get(key)
         if value is not None:
             argv += [flag, str(value)]

@@ -14,6 +14,7 @@ from aiohttp import ClientError, web
 
 from . import metrics as metrics_mod
 from .admission import Gate, QueueFull
+from .affinity import CacheUsage, Policy, stream_usage
 from .metrics import GENERATION_PATHS, Metrics
 from .routing import UNKNOWN, Router, parse_key_files, parse_replicas, parse_routes, route_args
 from .sse import (Assembler, BadUpstream, EventSplitter, dumps, dumps_text, event_data, loads,
@@ -91,6 +92,8 @@ class Proxy:
         self.last_upstream_activity = -math.inf
         self.watchdog: Watchdog | None = None
         self.router: Router | None = None  # several models: who answers which name (routing.py)
+        self.usage = CacheUsage()  # prompt and cached tokens the upstream reported
+        self.ask_usage = False  # ask every stream's usage upstream (set by the Router)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -420,6 +423,9 @@ class Proxy:
         return error(status, message, "upstream_error")
 
     async def forward_stream(self, request, path, body, name, untouched=None):
+        watch, strip = stream_usage(body, self.ask_usage)
+        if strip:
+            untouched = None  # stream_options changed
         resp, raw = await self.open_upstream(path, body, untouched)
         if raw is not None:
             return self.passthrough_error(resp, raw)
@@ -440,6 +446,10 @@ class Proxy:
                     continue
                 renamed = []
                 for e in events:
+                    if watch and b'"usage": {' in e:  # the usage chunk (cached tokens)
+                        self.usage.add_event(event_data(e))
+                        if strip:  # asked by the proxy, not by the client
+                            continue
                     try:
                         renamed.append(rename_event(e, name, field))
                     except BadUpstream:
@@ -488,6 +498,7 @@ class Proxy:
         self.mark_ok()
         if isinstance(reply, dict) and "model" in reply:
             reply["model"] = name
+            self.usage.add(reply.get("usage"))
         return json_response(reply)
 
     async def forward_assembled(self, path, body, name) -> web.Response:
@@ -539,6 +550,7 @@ class Proxy:
             raise StreamCut("the upstream stream ended before [DONE]")
         if assembler.error is not None:
             return error(502, f"upstream error: {assembler.error}", "upstream_error")
+        self.usage.add(assembler.usage)
         return json_response(assembler.reply())
 
     async def handle_models(self, request: web.Request) -> web.Response:
@@ -600,6 +612,8 @@ class Proxy:
             text += "\n".join(self.watchdog.render()) + "\n"
         if self.router is not None:
             text += self.router.render()
+        else:
+            text += "\n".join(self.usage.render()) + "\n"
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def handle_unknown(self, request: web.Request) -> web.Response:
@@ -652,5 +666,7 @@ def build_app(args: argparse.Namespace, key: bytes | None) -> web.Application:
             models.setdefault(route["name"], []).append(other)
             app.on_startup.append(other.start)
             app.on_cleanup.append(other.stop)
-        proxy.router = Router(models, aliases)
+        proxy.router = Router(models, aliases, Policy(
+            args.replica_policy, args.affinity_min_match, args.affinity_max_imbalance,
+            args.affinity_max_entries, args.affinity_block_chars))
     return app

@@ -14,6 +14,7 @@ import sys
 
 from aiohttp import web, web_protocol
 
+from .affinity import POLICIES
 from .app import build_app, error
 from .routing import RouteSpecError, parse_key_files, parse_replicas, parse_routes
 
@@ -52,6 +53,15 @@ WATCHDOG_LIMITS = (
 )
 
 
+# The cache-aware replica policy's bounds that must be positive (affinity.py).
+AFFINITY_LIMITS = (
+    ("--affinity-max-entries", int, 65536,
+     "prompt blocks remembered per replica (about 100 bytes each); least recently used go first"),
+    ("--affinity-block-chars", int, 256,
+     "characters of prompt text hashed as one block (the unit of a prefix match)"),
+)
+
+
 def dest(flag: str) -> str:
     return flag[2:].replace("-", "_")
 
@@ -78,6 +88,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "requests go to the ready replica with the fewest in flight; a replica "
                         "that fails is left out until its probe answers; a request that never "
                         "reached one is retried on another")
+    r = p.add_argument_group("replica policy", "which replica of a model takes a request "
+                             "(files/mlx_route_proxy/affinity.py); only with --replica")
+    r.add_argument("--replica-policy", default="cache-aware", choices=POLICIES,
+                   help="round-robin: in turn; least-busy: the ready replica with the fewest "
+                        "generations in flight; cache-aware: the one that was sent the longest "
+                        "prefix of the prompt (its prompt cache likely holds it), unless it is "
+                        "much busier than the least busy one")
+    r.add_argument("--affinity-min-match", type=float, default=0.5,
+                   help="cache-aware: share of the prompt (0-1] a replica must have seen to be "
+                        "preferred; below it, the least busy replica")
+    r.add_argument("--affinity-max-imbalance", type=int, default=4,
+                   help="cache-aware: how many more generations (in flight and queued) the "
+                        "best-matching replica may have than the least busy one")
+    for flag, kind, default, text in AFFINITY_LIMITS:
+        r.add_argument(flag, type=kind, default=default, help=text)
     p.add_argument("--upstream-key-file", action="append", default=[], metavar="URL=PATH",
                    help="the key of an upstream that needs one (a --replica that is another "
                         "host's proxy): sent as 'Authorization: Bearer <key>'; mode 0600")
@@ -133,6 +158,14 @@ def validate(args: argparse.Namespace) -> str | None:
         return problem
     if args.queue < 0:
         return f"--queue must be 0 or more (got {args.queue})"
+    problem = first_not_positive(args, AFFINITY_LIMITS)
+    if problem:
+        return problem
+    if not 0 < args.affinity_min_match <= 1:
+        return (f"--affinity-min-match must be a share of the prompt above 0 and at most 1 "
+                f"(got {args.affinity_min_match:g}), e.g. 0.5")
+    if args.affinity_max_imbalance < 0:
+        return f"--affinity-max-imbalance must be 0 or more (got {args.affinity_max_imbalance})"
     try:
         routes, _ = parse_routes(args.route, args.alias, args.public_name)
         replicas = parse_replicas(args.replica, [args.public_name, *(r["name"] for r in routes)])

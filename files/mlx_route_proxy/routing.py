@@ -11,14 +11,17 @@ first one reads the request and hands it to the model it names. With one model
 any name goes to it, as before routing existed. A reply carries the name the
 client sent.
 
-Replicas: a request goes to the ready replica with the fewest generations in
-flight (ties in turn); a replica whose request fails is marked down and left
+Replicas: a request goes to the replica --replica-policy picks (affinity.py:
+round-robin, least-busy: the ready one with the fewest generations in flight,
+ties in turn; cache-aware: the one holding the longest prefix of the prompt,
+unless it is much busier); a replica whose request fails is marked down and left
 out until its own probe gets a token again (Proxy.recover); a request that
 never reached a replica (no connection, no answer, not ready) is tried on the
 next ready one, so the client sees a 503 only when none could take it.
 
-On the hot path this is one dict lookup (`Router.pick`), and with replicas a
-sort of the few replicas by load.
+On the hot path this is one dict lookup (`Router.pick`), and with replicas the
+policy's ordering (a sort of the few replicas by load; cache-aware: one hash a
+block of the prompt and a lookup a block and replica).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+
+from .affinity import Policy
 
 UNKNOWN = "_unknown"  # the /metrics label of names no model answers to (a bounded set)
 
@@ -116,7 +121,8 @@ def route_args(args: argparse.Namespace, route: dict) -> argparse.Namespace:
 class Router:
     """Which model's `Proxy` answers a name; per-model counts for /metrics."""
 
-    def __init__(self, models: dict, aliases: dict[str, str]):
+    def __init__(self, models: dict, aliases: dict[str, str], policy: Policy):
+        self.policy = policy  # which replica takes a request (affinity.py)
         self.models = models  # public name -> [Proxy of each replica], the first one first
         self.first = next(iter(models.values()))
         self.single = len(models) == 1
@@ -126,7 +132,9 @@ class Router:
         self.answers: Counter = Counter()  # (model, status) -> count
         self.replica_answers: Counter = Counter()  # (model, upstream, status) -> count
         self.retries: Counter = Counter()  # model -> requests moved to another replica
-        self.turn = 0
+        for replicas in models.values():
+            for proxy in replicas:  # every stream's usage (cached tokens) is counted
+                proxy.ask_usage = True
 
     def pick(self, name: str):
         """The model's replicas (Proxies) for the name a client sent; None: no such model."""
@@ -134,28 +142,24 @@ class Router:
             return self.first
         return self.table.get(name)
 
-    def order(self, replicas: list) -> list:
-        """The ready replicas, fewest in flight first (ties in turn); none ready: the first."""
-        if len(replicas) == 1:
-            return replicas
-        self.turn += 1
-        n = len(replicas)
-        turn = [replicas[(self.turn + i) % n] for i in range(n)]
-        ready = sorted((p for p in turn if p.ready),
-                       key=lambda p: p.gate.active + len(p.gate.waiters))
-        return ready or turn[:1]
-
-    async def serve(self, replicas, request, *args):
-        """The request on the model's replicas: the next one while it never reached one."""
-        for proxy in self.order(replicas):
+    async def serve(self, replicas, request, started, path, body, *rest):
+        """The request on the model's replicas in the policy's order: the next one while
+        it never reached one."""
+        chain = None
+        order = replicas if len(replicas) == 1 else None
+        if order is None:
+            order, chain = self.policy.order(replicas, body)
+        for proxy in order:
             request.pop("unreached", None)
-            resp = await proxy.serve(request, *args)
+            resp = await proxy.serve(request, started, path, body, *rest)
             model = proxy.args.public_name
             if len(replicas) > 1:
                 self.replica_answers[(model, proxy.upstream, resp.status)] += 1
             if not request.get("unreached") or request.get("sse") is not None:
                 break
             self.retries[model] += 1
+        if chain is not None and resp.status < 500 and not request.get("unreached"):
+            self.policy.served(proxy, chain)
         self.count(model, resp.status)
         return resp
 
@@ -203,6 +207,16 @@ class Router:
                 "or generation succeeded).", "# TYPE proxy_model_ready gauge"]
         out += [f'proxy_model_ready{{model="{m}"}} {int(any(p.ready for p in reps))}'
                 for m, reps in self.models.items()]
+        out += ["# HELP proxy_model_prompt_tokens_total Prompt tokens of answered generations, "
+                "by model, as the upstreams reported them (usage.prompt_tokens).",
+                "# TYPE proxy_model_prompt_tokens_total counter"]
+        out += [f'proxy_model_prompt_tokens_total{{model="{m}"}} '
+                f'{sum(p.usage.prompt for p in reps)}' for m, reps in self.models.items()]
+        out += ["# HELP proxy_model_cached_tokens_total Of those, tokens taken from the "
+                "upstreams' prompt caches (usage.prompt_tokens_details.cached_tokens).",
+                "# TYPE proxy_model_cached_tokens_total counter"]
+        out += [f'proxy_model_cached_tokens_total{{model="{m}"}} '
+                f'{sum(p.usage.cached for p in reps)}' for m, reps in self.models.items()]
         replicated = {m: reps for m, reps in self.models.items() if len(reps) > 1}
         if replicated:
             out += ["# HELP proxy_replica_requests_total Answers, by model, replica and status.",
@@ -222,4 +236,14 @@ class Router:
                     "tried on another.", "# TYPE proxy_replica_retries_total counter"]
             out += [f'proxy_replica_retries_total{{model="{m}"}} {self.retries[m]}'
                     for m in replicated]
+            out += ["# HELP proxy_replica_prompt_tokens_total Prompt tokens, by replica.",
+                    "# TYPE proxy_replica_prompt_tokens_total counter"]
+            out += [f'proxy_replica_prompt_tokens_total{{model="{m}",upstream="{p.upstream}"}} '
+                    f'{p.usage.prompt}' for m, reps in replicated.items() for p in reps]
+            out += ["# HELP proxy_replica_cached_tokens_total Prompt tokens taken from the "
+                    "replica's prompt cache, as it reported them.",
+                    "# TYPE proxy_replica_cached_tokens_total counter"]
+            out += [f'proxy_replica_cached_tokens_total{{model="{m}",upstream="{p.upstream}"}} '
+                    f'{p.usage.cached}' for m, reps in replicated.items() for p in reps]
+            out += self.policy.render(self.models)
         return "\n".join(out) + "\n"

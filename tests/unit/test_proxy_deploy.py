@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.proxy_args import LIMIT_FLAGS, proxy_argv
+from tasks.proxy_args import LIMIT_FLAGS, ROUTING_FLAGS, proxy_argv
 from tests.fixtures.artifacts import venv_root_on
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def test_proxy_argv_from_default_data_is_accepted_by_the_proxy(tmp_path):
     assert (args.host, args.port, args.upstream, args.public_name, args.api_key_file) == (
         "0.0.0.0", data["proxy_port"], f"http://{data['server_host']}:{data['server_port']}",
         "glm-5.2", str(key))
-    for data_key, flag in LIMIT_FLAGS.items():
+    for data_key, flag in {**LIMIT_FLAGS, **ROUTING_FLAGS}.items():
         assert data_key in data, f"{data_key} is missing from group_data/all.py"
         parsed = getattr(args, flag[2:].replace("-", "_"))
         assert parsed == type(parsed)(data[data_key]), (data_key, flag)
