@@ -282,10 +282,14 @@ def run_smoke(args: argparse.Namespace, releases: Releases, release: str) -> tup
         argv.append("--trust-remote-code")
     if spec.get("chat_template_args"):
         argv += ["--chat-template-args", spec["chat_template_args"]]
+    # the server's BLAS (LD_PRELOAD on Linux), through `env`: sudo drops LD_* variables
+    extra = [f"{key}={value}" for key, value in sorted(spec.get("env", {}).items())]
     if args.run_as and os.geteuid() == 0 and args.run_as != "root":
         # the service manager needs root; the model is the route user's business
         home = pwd.getpwnam(args.run_as).pw_dir
-        argv = ["sudo", "-n", "-u", args.run_as, "-H", "--", "env", f"HOME={home}", *argv]
+        argv = ["sudo", "-n", "-u", args.run_as, "-H", "--", "env", f"HOME={home}", *extra, *argv]
+    elif extra:
+        argv = ["env", *extra, *argv]
     say(f"smoke-generating with release {release}")
     started = time.monotonic()
     try:

@@ -156,6 +156,20 @@ server_serve_any_model = False
 # 0.5 on a 512 GiB Mac gives 45.5 GiB. None: the profile's prompt-cache-bytes.
 server_prompt_cache_fraction = 0.5
 
+# Linux: the BLAS library preloaded (LD_PRELOAD) into every model server
+# (server, server-<profile>, cluster ranks) and the deploy's smoke generation.
+# The mlx-cpu wheel bundles the netlib reference BLAS (mlx_cpu.libs/libblas-*),
+# ~5 GFLOP/s on CPU; OpenBLAS (Debian: libopenblas0-pthread) replaces its
+# cblas_sgemm & co. and makes prefill ~10x and decode ~4x faster (README, docs/linux.md).
+# Missing on the host: a warning naming the fix, and the wheel's own BLAS.
+# None: the wheel's own BLAS. Never used on macOS (MLX runs on Metal there).
+# On an arm64 Linux host: "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0".
+server_blas_library = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+
+# OPENBLAS_NUM_THREADS of those processes (with server_blas_library only).
+# None: OpenBLAS's default (one thread per core).
+server_blas_threads = None
+
 # How a server restart is done (tasks/server.py):
 #   "overlap"     smoke-generate the new release beside the running server,
 #                 then switch: needs memory for a second copy of the model

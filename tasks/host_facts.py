@@ -1,5 +1,6 @@
-"""What a Mac says about itself that the route reads: sysctl values, pmset
-settings, launchd's open-files limit, FileVault's state."""
+"""What a host says about itself that the route reads: on a Mac sysctl values,
+pmset settings, launchd's open-files limit, FileVault's state; on Linux whether
+the BLAS library to preload is there."""
 
 from __future__ import annotations
 
@@ -37,6 +38,18 @@ class PmsetSettings(FactBase):
             if match:
                 settings[match.group(1)] = match.group(2)
         return settings
+
+
+class ReadableFile(FactBase):
+    """The real path of a readable file (symlinks resolved), None when absent."""
+
+    def command(self, path: str) -> str:
+        q = shlex.quote(path)
+        return f"if test -f {q} && test -r {q}; then readlink -f {q}; else echo absent; fi"
+
+    def process(self, output):
+        line = output[0].strip() if output else ""
+        return line if line.startswith("/") else None
 
 
 class LaunchdMaxfiles(FactBase):

@@ -15,7 +15,8 @@ from tasks.backends import select_backend
 from tasks.common import RouteError, paths, profile
 from tasks.host_facts import filevault
 from tasks.service_spec import SERVER
-from tasks.services import public_name, proxy_key_file, route_services, served_profiles
+from tasks.services import (public_name, proxy_key_file, route_services, server_blas,
+                            served_profiles)
 from tasks.workload import manifest_part as workload_manifest
 
 SIZES = ("needle_tokens", "cache_tokens", "integers", "prose_words", "timeout_s")
@@ -76,12 +77,27 @@ def manifest() -> dict:
         # prints the server's pid (the probes' memory readings)
         "server_pid_command": backend.watchdog_pid_command(services[SERVER]),
         "services": {name: svc.label for name, svc in services.items()},
+        # Linux: the BLAS the model servers preload (server_blas_library): the host
+        # suite finds `mapped` in each one's /proc/<pid>/maps; mapped None: the
+        # library is missing (the deploy warned) or not asked for, or macOS
+        "server_blas": blas_manifest(backend, services),
         "venv": p.venv,
         "route_home": p.route_home,
         # macOS: `fdesetup status` at deploy time ({"on", "status"}); None elsewhere
         "filevault": filevault(),
         # workload_enabled: tb-route, the runs, Hermes and its provider (tasks/workload.py)
         "workload": workload_manifest(),
+    }
+
+
+def blas_manifest(backend, services: dict) -> dict:
+    library, real = server_blas()
+    return {
+        "library": library,
+        "mapped": real,
+        "pid_commands": {name: backend.watchdog_pid_command(svc)
+                         for name, svc in services.items()
+                         if real is not None and name.startswith(SERVER)},
     }
 
 

@@ -32,7 +32,7 @@ from tasks.cluster import ClusterError, check_model
 from tasks.common import RouteError, fingerprint, paths, profile, repo_file
 from tasks.release import release_state, wanted_release
 from tasks.restarts import record_started, stamp_path
-from tasks.service_spec import SERVER
+from tasks.service_spec import BLAS_KEYS, SERVER
 from tasks.profiles import Served
 from tasks.services import (cluster_dir, host_cluster, maintenance_file, model_dir,
                             route_services, served_profiles)
@@ -41,8 +41,9 @@ def flag_value(argv: list[str], flag: str) -> str | None:
     return argv[argv.index(flag) + 1] if flag in argv[:-1] else None
 
 
-def smoke_spec(argv: list[str], prof: dict, model_dir: str) -> dict:
-    """The smoke generation, prompted as the server will prompt the model."""
+def smoke_spec(argv: list[str], prof: dict, model_dir: str, env: dict | None = None) -> dict:
+    """The smoke generation, prompted as the server will prompt the model; `env`: the
+    server's environment, of which the smoke takes the BLAS (tasks/services.server_blas)."""
     smoke = prof["smoke"]
     missing = [key for key in ("messages", "expect", "max_tokens") if key not in smoke]
     if missing:
@@ -55,6 +56,8 @@ def smoke_spec(argv: list[str], prof: dict, model_dir: str) -> dict:
         "max_tokens": int(smoke["max_tokens"]),
         "trust_remote_code": "--trust-remote-code" in argv,
         "chat_template_args": flag_value(argv, "--chat-template-args"),
+        **({"env": blas} if (blas := {k: v for k, v in (env or {}).items()
+                                      if k in BLAS_KEYS}) else {}),
     }
 
 
@@ -71,7 +74,7 @@ def switch_command(backend, svc, release: str, strategy: str, staged: str | None
     q = shlex.quote
     group = [*(ranks or []), svc]
     smoke = (None if host_cluster() is not None
-             else smoke_spec(svc.argv, prof, model_dir(p, which)))
+             else smoke_spec(svc.argv, prof, model_dir(p, which), svc.env))
     argv = [
         python or p.release_dir(release) + "/bin/python", p.script("routectl.py"), "switch",
         "--root", p.venv_root, "--release", release, "--strategy", strategy,

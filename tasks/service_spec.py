@@ -42,3 +42,20 @@ class Service:
     # a model server behind the proxy: its TCP port (launchd finds its pid by it; the
     # watchdog's sudoers rule covers it); None: the proxy, a cluster's rank above 0
     port: int | None = None
+
+
+# the variables blas_env() sets (the smoke generation takes them from the server's env)
+BLAS_KEYS = ("LD_PRELOAD", "OPENBLAS_NUM_THREADS")
+
+
+def blas_env(library: str | None, threads: int | None) -> dict[str, str]:
+    """The environment that makes an MLX process on Linux use `library` as its BLAS
+    (server_blas_library, server_blas_threads): the mlx-cpu wheel's bundled
+    reference BLAS is ~40x slower at matrix products (docs/linux.md). {} for None.
+    The deploy (tasks/services.py) and the tests' servers both build it here."""
+    if library is None:
+        return {}
+    env = {"LD_PRELOAD": library}
+    if threads is not None:
+        env["OPENBLAS_NUM_THREADS"] = str(int(threads))
+    return env

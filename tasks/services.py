@@ -12,17 +12,21 @@ from __future__ import annotations
 import json
 import posixpath
 
-from pyinfra import host
+from pyinfra import host, logger
 
 from tasks.backends import select_backend
 from tasks.budget import prompt_cache_bytes
 from tasks.cluster import Cluster, ClusterError, check_hosts, parse, rank_services
-from tasks.common import RouteError, RoutePaths, paths, profile, _resolve
+from tasks.common import RouteError, RoutePaths, is_macos, paths, profile, _resolve
+from tasks.host_facts import ReadableFile
 from tasks.profiles import Served, served
 from tasks.proxy_args import proxy_argv
 from tasks.proxy_artifact import ARTIFACT
 from tasks.proxy_key import key_path
-from tasks.service_spec import PROXY, SERVER, Service
+from tasks.service_spec import PROXY, SERVER, Service, blas_env
+
+BLAS_FIX = "apt-get install libopenblas0-pthread"
+_blas_warned: set[str] = set()
 
 
 def server_flags(server_args: dict) -> list[str]:
@@ -140,6 +144,44 @@ def base_env(p: RoutePaths) -> dict[str, str]:
     }
 
 
+def server_blas() -> tuple[str | None, str | None]:
+    """(library asked by server_blas_library, its real path when the model servers
+    preload it). Linux only: on macOS MLX runs on Metal/Accelerate, nothing is
+    preloaded. A library missing on the host is a warning naming the fix, and the
+    servers keep the mlx wheel's own BLAS (docs/linux.md)."""
+    library = host.data.server_blas_library
+    threads = host.data.server_blas_threads
+    if library is not None and (not isinstance(library, str) or not library.startswith("/")):
+        raise RouteError(f"{host.name}: server_blas_library {library!r} must be an absolute "
+                         "path (e.g. /usr/lib/x86_64-linux-gnu/openblas-pthread/"
+                         "libopenblas.so.0) or None (the mlx wheel's own BLAS)")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise RouteError(f"{host.name}: server_blas_threads {threads!r} must be a positive "
+                         "integer or None (OpenBLAS's default: one thread per core)")
+    if library is None or is_macos():
+        return library, None
+    real = host.get_fact(ReadableFile, library)
+    if real is None and host.name not in _blas_warned:
+        _blas_warned.add(host.name)
+        logger.warning(
+            f"{host.name}: server_blas_library {library} is not on this host, so "
+            "mlx_lm.server keeps the mlx wheel's bundled reference BLAS (prefill ~10x "
+            f"slower on CPU). Fix: `{BLAS_FIX}` on the host and deploy again (or set "
+            "server_blas_library = None to keep the wheel's BLAS without this warning)"
+        )
+    return library, real
+
+
+def server_env(p: RoutePaths) -> dict[str, str]:
+    """A model server's environment: base_env plus, on Linux, its BLAS (server_blas)."""
+    library, real = server_blas()
+    env = base_env(p)
+    if real is not None:
+        env.update(blas_env(library, host.data.server_blas_threads))
+    return env
+
+
 def host_cluster() -> Cluster | None:
     """This host's cluster (cluster_* data), checked against the inventory; None:
     a single server."""
@@ -183,6 +225,7 @@ def route_services() -> dict[str, Service]:
         log_max_mb=int(host.data.service_log_max_mb),
         log_keep=int(host.data.service_log_keep),
     )
+    servers = dict(common, env=server_env(p))
     server = Service(
         name=SERVER,
         label=f"{label}.{SERVER}",
@@ -192,7 +235,7 @@ def route_services() -> dict[str, Service]:
         stderr=posixpath.join(p.logs_dir, "server.err.log"),
         interactive=True,
         port=int(host.data.server_port),
-        **common,
+        **servers,
     )
     profiles = served_profiles()
     extra = {}
@@ -206,7 +249,7 @@ def route_services() -> dict[str, Service]:
             stderr=posixpath.join(p.logs_dir, f"{which.service}.err.log"),
             interactive=True,
             port=which.port,
-            **common,
+            **servers,
         )
     cluster = host_cluster()
     if cluster is not None and extra:

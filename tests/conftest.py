@@ -28,9 +28,9 @@ pytest_plugins = [
     "tests.fixtures.upstream_stub",
     "tests.fixtures.raw_upstream",
     "tests.fixtures.hubstub",
+    "tests.fixtures.mlx_server",  # before tiny_glm, which imports its mlx_env()
     "tests.fixtures.tiny_glm",
     "tests.fixtures.smollm2",
-    "tests.fixtures.mlx_server",
 ]
 
 

@@ -120,6 +120,46 @@ def test_every_cluster_rank_runs_under_its_service_manager(host, route):
     assert not down, f"cluster ranks not running under {route['backend']}: {down}"
 
 
+def read_as_route_user(host, command: str):
+    """`command` as the suite's user, else through `sudo -n` (the services may run
+    as another route_user, whose pids and /proc maps are not ours to read)."""
+    out = host.run(command)
+    if out.rc != 0 or not out.stdout.strip():
+        out = host.run(f"sudo -n sh -c {shlex.quote(command)}")
+    return out
+
+
+def test_every_model_server_runs_with_the_blas_data_asks_for(host, route):
+    """Linux, server_blas_library: each model server (server, server-<profile>,
+    cluster ranks) has the preloaded BLAS in its memory map; the mlx wheel's own
+    reference BLAS is ~10x slower at prefill (docs/linux.md)."""
+    blas = route.get("server_blas") or {}
+    if blas.get("library") is None:
+        pytest.skip("server_blas_library is None: the servers use the mlx wheel's own BLAS")
+    if route["backend"] == "launchd":
+        pytest.skip("macOS: MLX runs on Metal, nothing is preloaded")
+    if blas["mapped"] is None:
+        pytest.fail(f"server_blas_library {blas['library']} was missing on the host at deploy "
+                    "time, so the servers run the mlx wheel's slow reference BLAS: "
+                    "`apt-get install libopenblas0-pthread` and deploy again (or set "
+                    "server_blas_library = None)")
+    missing = {}
+    for name, command in sorted(blas["pid_commands"].items()):
+        pid = read_as_route_user(host, command).stdout.strip()
+        if not pid.isdigit() or pid == "0":
+            missing[name] = f"no pid from {command!r}: {pid[:200]!r}"
+            continue
+        maps = read_as_route_user(host, f"cat /proc/{pid}/maps")
+        if not maps.stdout.strip():
+            pytest.skip(f"cannot read /proc/{pid}/maps of the {name} as this user or with "
+                        f"sudo -n: {maps.stderr.strip()[:200]}")
+        if blas["mapped"] not in maps.stdout:
+            libs = sorted({line.split()[-1] for line in maps.stdout.splitlines()
+                           if "blas" in line.lower()})
+            missing[name] = f"pid {pid} maps no {blas['mapped']}; its BLAS: {libs}"
+    assert not missing, f"model servers without the BLAS data asks for: {missing}"
+
+
 def test_proxy_runs_under_its_service_manager(host, route):
     ok, status = service_running(host, route, "proxy")
     assert ok, f"the proxy is not running under {route['backend']}: {status}"

@@ -181,6 +181,8 @@ def test_service_plists_carry_the_shared_service_description(fresh):
         "server": [f"launchctl print system/{SERVER}", "state = running"],
         "proxy": [f"launchctl print system/{PROXY}", "state = running"]}
     assert manifest["server_pid_command"].startswith("/usr/sbin/lsof -t -nP -iTCP:")
+    # MLX runs on Metal: no BLAS preloaded (server_blas_library is Linux's), none asked of the Mac
+    assert manifest["server_blas"]["mapped"] is None and not fresh.matching("openblas")
 
     server = plistlib.loads(fresh.uploads[STAGED].encode())
     proxy = plistlib.loads(fresh.uploads[PROXY_PLIST].encode())
@@ -198,6 +200,7 @@ def test_service_plists_carry_the_shared_service_description(fresh):
         env = plist["EnvironmentVariables"]
         assert {"/opt/homebrew/bin", "/usr/local/bin"} <= set(env["PATH"].split(":"))
         assert env["HOME"] == HOME and env["HF_HUB_CACHE"] == f"{ROUTE}/hf-cache"
+        assert "LD_PRELOAD" not in env and "OPENBLAS_NUM_THREADS" not in env
         assert plist["WorkingDirectory"] == HOME
         assert plist["UserName"] == "milo"  # a LaunchDaemon that runs as the route user
         assert "LimitLoadToSessionType" not in plist

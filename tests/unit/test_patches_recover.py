@@ -30,7 +30,7 @@ import pytest
 
 from tasks.services import server_flags
 from tests.fixtures import mlx_fault
-from tests.fixtures.mlx_server import PROFILE, MlxServer, wait_ready
+from tests.fixtures.mlx_server import PROFILE, MlxServer, mlx_env, wait_ready
 from tests.fixtures.ports import free_port
 from tests.fixtures.tiny_glm import REPO
 
@@ -57,6 +57,7 @@ def faulty_server(model_dir: Path, tmp_path: Path, site: Path | None):
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         mlx_fault.ENV: str(fault),
+        **mlx_env(),
     }
     argv = mlx_fault.argv(
         "server", "--model", str(model_dir), "--host", "127.0.0.1", "--port", str(port),

@@ -61,7 +61,9 @@ class Rig:
     def add_release(self, name: str, smoke_ok: bool = True) -> None:
         python = self.root / "releases" / name / "bin" / "python"
         python.parent.mkdir(parents=True)
-        python.write_text(f"#!/bin/sh\necho 'smoke {name}' >> {self.log}\n"
+        # the smoke's BLAS (the smoke spec's env), when it has one
+        python.write_text(f"#!/bin/sh\necho \"smoke {name}${{LD_PRELOAD:+ $LD_PRELOAD}}"
+                          f"${{OPENBLAS_NUM_THREADS:+ $OPENBLAS_NUM_THREADS}}\" >> {self.log}\n"
                           f"{'exit 0' if smoke_ok else 'echo the model cannot load >&2; exit 1'}\n")
         python.chmod(0o755)
 
@@ -71,14 +73,15 @@ class Rig:
         except OSError:
             return None
 
-    def switch(self, release: str, strategy: str, *extra: str) -> subprocess.CompletedProcess:
+    def switch(self, release: str, strategy: str, *extra: str,
+               smoke: dict | None = None) -> subprocess.CompletedProcess:
         stop = (f"test -f {self.note} && echo 'stop (503: restarting)' >> {self.log} "
                 f"|| echo stop >> {self.log}; rm -f {self.up}")
         start = (f"echo \"start $(basename $(readlink {self.root}/current)) "
                  f"$(cat {self.definition})\" >> {self.log}; touch {self.up}")
         argv = [sys.executable, str(ROUTECTL), "switch", "--root", str(self.root),
                 "--release", release, "--strategy", strategy, "--stop", stop, "--start", start,
-                "--smoke", json.dumps({"model": "m", "messages": [], "expect": "x"}),
+                "--smoke", json.dumps(smoke or {"model": "m", "messages": [], "expect": "x"}),
                 "--url", f"http://127.0.0.1:{self.http.server_port}", "--timeout", "3",
                 "--maintenance", str(self.note), "--keep", "2",
                 "--definition", str(self.definition), "--staged", str(self.staged), *extra]
@@ -115,6 +118,18 @@ def test_stop_first_stops_then_smokes_then_starts_the_new_release(rig):
     assert r.steps() == ["stop (503: restarting)", "smoke B", "start B new definition"]
     assert r.current() == "B" and r.state()["previous"] == ["A"]
     assert not r.note.exists()  # the proxy stops saying "restarting"
+
+
+def test_the_smoke_runs_with_the_servers_blas(rig):
+    """The smoke spec's env (the server's LD_PRELOAD on Linux: tasks/server.smoke_spec)
+    reaches the smoke generation's process."""
+    r = rig({"A": True, "B": True})
+    smoke = {"model": "m", "messages": [], "expect": "x",
+             "env": {"LD_PRELOAD": "/lib/libfast.so", "OPENBLAS_NUM_THREADS": "1"}}
+    done = r.switch("B", "stop-first", smoke=smoke)
+    assert done.returncode == 0, done.stderr
+    assert r.steps() == ["stop (503: restarting)", "smoke B /lib/libfast.so 1",
+                         "start B new definition"]
 
 
 def test_overlap_smokes_beside_the_running_server_then_restarts(rig):

@@ -47,7 +47,7 @@ from tasks.service_spec import Service
 from tasks.services import server_flags
 from tasks.templates import render
 from tests.fixtures import mlx_fault
-from tests.fixtures.mlx_server import PROFILE
+from tests.fixtures.mlx_server import PROFILE, mlx_env
 from tests.fixtures.ports import free_port
 from tests.fixtures.proxy import ProxyProcess, start_proxy
 
@@ -79,7 +79,7 @@ class Route:
         server_argv = ["server", "--model", str(model_dir), "--host", "127.0.0.1",
                        "--port", str(self.port), *server_flags(PROFILE["server_args"])]
         env = {"HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_OFFLINE": "1",
-               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+               "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **mlx_env()}
         if fault_file is None:
             argv = [sys.executable, "-m", "mlx_lm", *server_argv]
         else:  # the stock mlx_lm of this venv, through the fault wrapper
