@@ -167,8 +167,12 @@ server_prompt_cache_fraction = 0.5
 server_blas_library = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
 # OPENBLAS_NUM_THREADS of those processes (with server_blas_library only).
-# None: OpenBLAS's default (one thread per core).
-server_blas_threads = None
+# 1: on this project's 2-core machine one process alone ran as fast with 1
+# thread as with 2, and several servers/ranks sharing the cores with 2 each
+# spun against each other (OpenBLAS threads busy-wait): a 120-token answer took
+# 50 s, not 1. None: OpenBLAS's default, one thread per core (a box with many
+# idle cores and one server may prefill faster so: not measured here).
+server_blas_threads = 1
 
 # How a server restart is done (tasks/server.py):
 #   "overlap"     smoke-generate the new release beside the running server,
