@@ -300,7 +300,9 @@ def test_server_whose_generation_thread_died_is_restarted(route_factory, tmp_pat
 def test_long_prefill_is_left_alone(route_factory):
     route, _ = route_factory()
     pid = route.pid()
-    words = [f"w{random.randrange(10**6)}" for _ in range(50)]
+    # ~3100 tokens (~6.9 a word): over RESTART_LIMIT_S of prefill even with OpenBLAS
+    # (server_blas_library: 64-104 tok/s here, slower as the prompt grows)
+    words = [f"w{random.randrange(10**6)}" for _ in range(450)]
     prompt = "Count the words in this text: " + " ".join(words)
     started = time.monotonic()
     status, reply = proxy_chat(route, prompt, 1, timeout=300)
