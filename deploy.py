@@ -32,6 +32,7 @@ if serves_http():  # a cluster's hosts without rank 0 run only their ranks (task
     ensure_proxy_key(**as_route)  # 7. the proxy's key, made on the host
     start_proxy(**as_route)  # 8. the proxy that strips `model`
     provision_workload(**as_route)  # 9. Terminal-Bench and Hermes for this route (workload_enabled)
-    write_manifest(**as_route)  # 10. what the host suite checks
-    verify_route()  # 11. ports, shards, services, chat, trust gates (Hermes: workload_enabled)
+write_manifest(**as_route)  # 10. what the host suite checks (a rank-only host: its ranks)
+verify_route()  # 11. ports, shards, services, chat, trust gates (Hermes: workload_enabled)
+if serves_http():
     probe_route()  # 12. speed and memory probes, a report per host (bench_enabled)

@@ -401,6 +401,8 @@ def run_probes(args: argparse.Namespace, manifest: dict) -> dict:
         "sizes": {"needle_tokens": args.needle_tokens, "cache_tokens": args.cache_tokens,
                   "integers": args.integers, "prose_words": args.prose_words},
         "probes": probes,
+        # a cluster's ranks, backend and sharding (route.json; None: one server)
+        "cluster": manifest.get("cluster"),
         "limits": {"cache_followup_max_ratio":
                    (manifest.get("gates") or {}).get("cache_followup_max_ratio")},
         "prefix_cache": {

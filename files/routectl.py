@@ -353,6 +353,10 @@ def switch(args: argparse.Namespace) -> int:
         ok, out = run_shell(args.start)
         if not ok:
             return False, f"starting the server failed: {out}"
+        if args.url is None:
+            # a cluster host without rank 0: its ranks serve no HTTP; rank 0's
+            # switch, on its host, waits for a generation through every rank
+            return True, "started (no readiness wait here: rank 0's host waits for the group)"
         return wait_ready(args.url, "server", None, args.timeout)
 
     def finish() -> int:
@@ -445,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                           help="JSON: model, messages, expect, max_tokens, trust_remote_code, "
                                "chat_template_args")
     p_switch.add_argument("--smoke-timeout", type=float, default=1800)
-    p_switch.add_argument("--url", required=True, help="the server's URL")
+    p_switch.add_argument("--url", help="the server's URL; none: a cluster host without rank 0 "
+                          "(started, not waited for: rank 0's switch waits for the group)")
     p_switch.add_argument("--timeout", type=float, default=600, help="readiness deadline")
     p_switch.add_argument("--definition", help="the service definition the start command reads")
     p_switch.add_argument("--staged", help="the new definition to put there")

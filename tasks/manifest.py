@@ -15,8 +15,8 @@ from tasks.backends import select_backend
 from tasks.common import RouteError, paths, profile
 from tasks.host_facts import filevault
 from tasks.service_spec import SERVER
-from tasks.services import (public_name, proxy_key_file, route_services, server_blas,
-                            served_profiles)
+from tasks.services import (host_cluster, public_name, proxy_key_file, route_services,
+                            server_blas, served_profiles)
 from tasks.workload import manifest_part as workload_manifest
 
 SIZES = ("needle_tokens", "cache_tokens", "integers", "prose_words", "timeout_s")
@@ -38,13 +38,56 @@ def bench_sizes(prof: dict) -> dict:
 MANIFEST = "route.json"
 
 
-def manifest() -> dict:
-    """What the host suite needs to know about the route, as deployed."""
+def cluster_part() -> dict | None:
+    """A cluster host's part (tasks/cluster.py): the ranks, which run here, the
+    backend and the sharding; None without cluster_ranks."""
+    cluster = host_cluster()
+    if cluster is None:
+        return None
+    local = cluster.local_ranks(host.name)
+    return {"size": cluster.size, "backend": cluster.backend, "parallel": cluster.parallel,
+            "ranks": [{"rank": r, "host": rank.host, "ip": rank.ip}
+                      for r, rank in enumerate(cluster.ranks)],
+            "local_ranks": local, "serves_http": 0 in local}
+
+
+def ranks_manifest(cluster: dict) -> dict:
+    """A cluster host without rank 0: its ranks, their services and files (no
+    HTTP side: no proxy, no server port; the host suite checks what is here)."""
     p = paths()
     prof = profile()
     backend = select_backend()
     services = route_services()
     return {
+        "profile": host.data.model_profile,
+        "model_dir": p.model_dir,
+        "shards": prof["shards"],
+        "cluster": cluster,
+        "backend": backend.name,
+        **backend.manifest_extras(),
+        "user": p.user,
+        "service_definitions": {name: backend.definition_path(svc)
+                                for name, svc in services.items()},
+        "service_running": {name: list(backend.running_check(svc))
+                            for name, svc in services.items()},
+        "services": {name: svc.label for name, svc in services.items()},
+        "venv": p.venv,
+        "route_home": p.route_home,
+        "filevault": filevault(),
+    }
+
+
+def manifest() -> dict:
+    """What the host suite needs to know about the route, as deployed."""
+    cluster = cluster_part()
+    if cluster is not None and not cluster["serves_http"]:
+        return ranks_manifest(cluster)
+    p = paths()
+    prof = profile()
+    backend = select_backend()
+    services = route_services()
+    return {
+        "cluster": cluster,
         "profile": host.data.model_profile,
         "model_dir": p.model_dir,
         "shards": prof["shards"],

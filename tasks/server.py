@@ -193,10 +193,39 @@ def switch_server(p, backend, svc, prof, release, strategy, current, extra, rank
     record_started(svc, desired)
 
 
+def ranks_switch_command(backend, ranks: list, release: str, timeout: int,
+                         protect: list[str]) -> str:
+    """`routectl.py switch` of a cluster host without rank 0: its ranks stopped,
+    `current` moved, started, the release recorded and old ones pruned, as on
+    rank 0's host. No smoke and no readiness wait here (no host holds the whole
+    model, and these ranks serve no HTTP): rank 0's switch on its host waits for
+    a generation through every rank, so the group's check is that one. A rank
+    that does not start puts the previous release back here."""
+    p = paths()
+    q = shlex.quote
+    argv = [
+        p.release_dir(release) + "/bin/python", p.script("routectl.py"), "switch",
+        "--root", p.venv_root, "--release", release, "--strategy", "stop-first",
+        "--stop", " ; ".join(backend.stop_command(s) for s in ranks),
+        "--start", " && ".join(f"{{ {backend.start_command(s)} ; }}" for s in ranks),
+        "--smoke", "null", "--timeout", str(timeout),
+        "--keep", str(int(host.data.venv_releases_keep)),
+    ]
+    for record in protect:
+        argv += ["--protect", record]
+    if backend.sudo:
+        argv += ["--run-as", p.user]
+    return " ".join(q(a) for a in argv)
+
+
 def start_ranks(p, prof, backend, services, release) -> None:
-    """A cluster host without rank 0: its ranks' services, on the release, (re)started
-    when their definition, the release, the profile or the hostfiles changed.
+    """A cluster host without rank 0: its ranks' services, switched to the release
+    together (routectl.py switch: `current` moved, old releases pruned, the
+    previous release back if a rank does not start) when their definition, the
+    release, the profile or the hostfiles changed, or one of them is not running.
     Rank 0's host holds the HTTP side; these ranks join its group when they start."""
+    as_user.put(name="Upload routectl.py", src=str(repo_file("files/routectl.py")),
+                dest=p.script("routectl.py"))
     files.directory(name="Create the log directory", path=p.logs_dir, present=True)
     files.directory(name="Create the HF cache directory",
                     path=next(iter(services.values())).env["HF_HUB_CACHE"], present=True)
@@ -204,21 +233,26 @@ def start_ranks(p, prof, backend, services, release) -> None:
     backend.prepare(services)
     hostfiles = put_cluster_files(p)
     current = release_state(release).get("current")
-    for svc in services.values():
+    ranks = list(services.values())
+    desired = {}
+    for svc in ranks:
         text = backend.render(svc)
-        desired = fingerprint(backend.name, text, release.id, json.dumps(prof, sort_keys=True),
-                              hostfiles)
-        applied = host.get_fact(FileContents, stamp_path(svc))
-        backend.install(svc, text)
-        if applied == [desired] and current == release.id and backend.is_running(svc):
-            continue
-        server.shell(  # -n: replace the `current` link itself (GNU and BSD ln)
-            name=f"Point the venv's current release at {release.id}",
-            commands=[f"ln -sfn releases/{shlex.quote(release.id)} {shlex.quote(p.venv)}"],
-        )
-        server.shell(name=f"(Re)start {svc.label}", commands=[backend.start_command(svc)],
-                     **as_root(backend.sudo))
-        record_started(svc, desired)
+        desired[svc.name] = fingerprint(backend.name, text, release.id,
+                                        json.dumps(prof, sort_keys=True), hostfiles)
+        backend.install(svc, text)  # started (or restarted) by the switch below
+    if current == release.id and all(
+            host.get_fact(FileContents, stamp_path(svc)) == [desired[svc.name]]
+            and backend.is_running(svc) for svc in ranks):
+        return
+    server.shell(
+        name=f"Switch the cluster ranks {', '.join(s.name for s in ranks)} to release "
+             f"{release.id}" + (f" (from {current})" if current else ""),
+        commands=[ranks_switch_command(backend, ranks, release.id, int(prof["ready_timeout_s"]),
+                                       protected_releases())],
+        **as_root(backend.sudo),
+    )
+    for svc in ranks:
+        record_started(svc, desired[svc.name])
 
 
 @deploy("Roll the server back to the previous release")

@@ -358,6 +358,7 @@ def markdown(data: dict, runs: list[dict]) -> str:
               ""]
     if mem.get("server_command"):
         lines += ["Server command: `" + " ".join(mem["server_command"]) + "`", ""]
+    lines += cluster_markdown(data)
     lines += ["## Runs of this host", "",
               "| Run | Tiny wall (s) | Integers decode tok/s | Prose decode tok/s | "
               "Needle prefill tok/s | Cache ratio | RSS peak |",
@@ -375,13 +376,72 @@ def markdown(data: dict, runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rates(data: dict) -> dict:
+    """probe name -> (prefill tok/s, decode tok/s) of a probes document."""
+    return {p["name"]: (p.get("prefill_tok_s"), p.get("decode_tok_s")) for p in data["probes"]}
+
+
+def single_rank_part(data: dict, single: dict) -> dict:
+    """What a report of the same profile on one rank (--single-rank) adds to a
+    cluster's report: its rates per probe and where they came from."""
+    if "probes" not in single:
+        raise ReportError("--single-rank: the file has no probes (a report.json or probes "
+                          "JSON of the speed probes is needed)")
+    if single.get("cluster"):
+        raise ReportError(f"--single-rank: that report is of a cluster of "
+                          f"{single['cluster']['size']} ranks, not of one rank")
+    if single.get("profile") != data.get("profile"):
+        raise ReportError(f"--single-rank: that report is of profile {single.get('profile')!r}, "
+                          f"this one of {data.get('profile')!r}: compare the same model")
+    return {"host": single.get("host"), "started_at": single.get("started_at"),
+            "sizes": single.get("sizes"),
+            "rates": {name: {"prefill_tok_s": pre, "decode_tok_s": dec}
+                      for name, (pre, dec) in rates(single).items()}}
+
+
+def cluster_markdown(data: dict) -> list[str]:
+    """A cluster host's section: its ranks, backend, sharding and rates, beside one
+    rank's when the report was given --single-rank."""
+    cluster = data.get("cluster")
+    if not cluster:
+        return []
+    lines = ["## Cluster", "",
+             f"{cluster['size']} ranks, `{cluster['backend']}` backend, {cluster['parallel']} "
+             f"parallelism; this host runs rank(s) {', '.join(map(str, cluster['local_ranks']))} "
+             "(rank 0 serves HTTP).", "",
+             "| Rank | Host | Address |", "|---|---|---|"]
+    lines += [f"| {r['rank']} | {r['host']} | {r['ip']} |" for r in cluster["ranks"]]
+    single = data.get("single_rank")
+    n = cluster["size"]
+    lines += ["", f"Rates of the {n} ranks beside one rank's (the same model on one "
+              "`mlx_lm.server`"
+              + (f", {single['host']} at {single['started_at']}, sizes "
+                 f"{', '.join(f'{k} {v}' for k, v in (single.get('sizes') or {}).items())})."
+                 if single else ": not given; `route_report.py --single-rank REPORT.json` adds "
+                 "it from a report of one rank)."), "",
+              f"| Probe | Prefill tok/s, {n} ranks | Prefill tok/s, 1 rank | "
+              f"Decode tok/s, {n} ranks | Decode tok/s, 1 rank |", "|---|---|---|---|---|"]
+    for name, (pre, dec) in rates(data).items():
+        one = (single or {}).get("rates", {}).get(name, {})
+        lines.append(f"| {name} | {fmt(pre)} | {fmt(one.get('prefill_tok_s'))} | {fmt(dec)} | "
+                     f"{fmt(one.get('decode_tok_s'))} |")
+    return lines + [""]
+
+
 def safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "host"
 
 
 def build_report(data: dict, out_root: Path, host_name: str | None = None,
-                 stamp: str | None = None) -> Path:
-    """Write report.json, report.md and the plots; return the run's directory."""
+                 stamp: str | None = None, single_rank: dict | None = None) -> Path:
+    """Write report.json, report.md and the plots; return the run's directory.
+    `single_rank`: a report (or probes JSON) of the same profile on one rank,
+    whose rates a cluster's report shows beside its own."""
+    if single_rank is not None:
+        if not data.get("cluster"):
+            raise ReportError("--single-rank compares a cluster's rates with one rank's, and "
+                              "this report is of one server (route.json has no cluster)")
+        data = dict(data, single_rank=single_rank_part(data, single_rank))
     stamp = stamp or datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     host_dir = Path(out_root) / safe_name(host_name or data["host"])
     out = host_dir / stamp
@@ -409,6 +469,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--via", choices=["proxy", "server"], default="proxy")
     p.add_argument("--workload-only", action="store_true",
                    help="no speed probe: only the Terminal-Bench runs' summaries (tb-route)")
+    p.add_argument("--single-rank", type=Path, default=None,
+                   help="a cluster host: a report.json (or probes JSON) of the same profile on "
+                        "one rank, whose prefill and decode rates go beside the cluster's")
     p.add_argument("--host-name", default=None,
                    help="folder name under --out (default: the host's hostname)")
     p.add_argument("--out", type=Path, default=REPO / "reports", help="reports root")
@@ -428,7 +491,8 @@ def main(argv=None) -> int:
             data = run_probes(args.hosts, args.route_manifest, args.via, sizes,
                               only="workload" if args.workload_only else "all",
                               ssh_config=args.ssh_config)
-        out = build_report(data, args.out, args.host_name)
+        single = json.loads(args.single_rank.read_text()) if args.single_rank else None
+        out = build_report(data, args.out, args.host_name, single_rank=single)
     except (ReportError, OSError, ValueError) as e:
         print(f"route_report: {e}", file=sys.stderr)
         return 1

@@ -30,6 +30,19 @@ def route(host, request):
     return json.loads(manifest.content_string)
 
 
+@pytest.fixture(autouse=True)
+def rank_host_checks_only(request):
+    """A cluster host without rank 0 (route.json's cluster.serves_http false) runs
+    only ranks: no proxy, no server port. There the tests marked `rank_host`
+    run (the ranks' services, the weights, the files' owner); the others skip."""
+    if "route" not in request.fixturenames or request.node.get_closest_marker("rank_host"):
+        return
+    cluster = request.getfixturevalue("route").get("cluster") or {}
+    if cluster and not cluster.get("serves_http", True):
+        pytest.skip(f"a cluster host without rank 0 (ranks {cluster.get('local_ranks')}): "
+                    "no HTTP side here; rank 0's host is checked for it")
+
+
 @pytest.fixture(scope="module")
 def http(host, route):
     """curl run on the host, so loopback-only services are reachable."""

@@ -77,6 +77,7 @@ def test_proxy_listens_where_data_says(host, route):
         assert addresses == {wanted}, f"proxy should listen on {wanted} only: {addresses}"
 
 
+@pytest.mark.rank_host
 def test_every_shard_of_the_index_is_present(host, route):
     index = host.file(posixpath.join(route["model_dir"], "model.safetensors.index.json"))
     assert index.exists, f"{index.path} is missing: the weights are incomplete"
@@ -107,6 +108,7 @@ def test_server_runs_under_its_service_manager(host, route):
     assert ok, f"the server is not running under {route['backend']}: {status}"
 
 
+@pytest.mark.rank_host
 def test_every_cluster_rank_runs_under_its_service_manager(host, route):
     """A cluster (tasks/cluster.py): this host's other ranks, server-rankN, run too."""
     ranks = sorted(name for name in route["service_running"] if name.startswith("server-rank"))
@@ -229,6 +231,7 @@ def test_proxy_without_a_key_stays_on_loopback(route):
         f"a proxy without a key must not listen on {route['proxy']['host']}: set proxy_api_key")
 
 
+@pytest.mark.rank_host
 def test_route_files_belong_to_the_route_user(host, route):
     """The venv (its releases), the weights, route_home and the manifest are
     route_user's, also when the deploy connected as another user."""

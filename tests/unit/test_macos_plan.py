@@ -619,7 +619,13 @@ def test_two_macs_serve_one_model_over_thunderbolt(tmp_path, backend):
     argv = shlex.split(switch)
     assert argv[argv.index("--smoke") + 1] == "null"  # no Mac holds the whole model
     assert argv[argv.index("--strategy") + 1] == "stop-first"
-    # Mac B: rank 1 as a LaunchDaemon of its own, no proxy, no switch, no route.json
+    assert "--url" in argv  # rank 0's readiness wait: a generation through every rank
+    route_a = json.loads(uploads[MAC_A][f"{ROUTE}/route.json"])
+    assert route_a["cluster"] == {
+        "size": 2, "backend": backend, "parallel": "tensor", "local_ranks": [0],
+        "serves_http": True, "ranks": [{"rank": 0, "host": MAC_A, "ip": "10.0.7.1"},
+                                       {"rank": 1, "host": MAC_B, "ip": "10.0.7.2"}]}
+    # Mac B: rank 1 as a LaunchDaemon of its own, no proxy
     rank1_plist = f"{DAEMONS}/org.mlxroute.server-rank1.plist"
     rank1 = plistlib.loads(uploads[MAC_B][rank1_plist].encode())
     assert rank1["Label"] == "org.mlxroute.server-rank1"
@@ -628,8 +634,20 @@ def test_two_macs_serve_one_model_over_thunderbolt(tmp_path, backend):
     assert rank1["KeepAlive"] and rank1["RunAtLoad"]
     assert "mlx_lm.server" in rank1["ProgramArguments"]
     assert PROXY_PLIST not in uploads[MAC_B] and STAGED not in uploads[MAC_B]
-    assert f"{ROUTE}/route.json" not in uploads[MAC_B]
-    assert not [c for c in commands[MAC_B] if "routectl.py switch " in c]
-    assert any(f"launchctl bootstrap system {rank1_plist}" in c for c in commands[MAC_B])
+    # its route.json says what the host suite checks there: rank 1, no HTTP side
+    route_b = json.loads(uploads[MAC_B][f"{ROUTE}/route.json"])
+    assert route_b["cluster"] == {**route_a["cluster"], "local_ranks": [1],
+                                  "serves_http": False}
+    assert set(route_b["services"]) == {"server-rank1"} and "proxy" not in route_b
+    # its rank moves with routectl's switch as rank 0 does (the release recorded,
+    # old ones pruned, the previous one back if the rank does not start), without
+    # a smoke or a wait of its own: rank 0's wait generates through every rank
+    (switch_b,) = [c for c in commands[MAC_B] if "routectl.py switch " in c]
+    argv_b = shlex.split(switch_b)
+    assert argv_b[argv_b.index("--smoke") + 1] == "null"
+    assert "--url" not in argv_b and "--keep" in argv_b
+    assert "org.mlxroute.server-rank1" in argv_b[argv_b.index("--start") + 1]
+    assert "launchctl bootstrap system" in argv_b[argv_b.index("--start") + 1]
+    assert f"{ROUTE}/state/supervisord.release" in argv_b or "--protect" in argv_b
     # each Mac's budget holds half of GLM-5.2 (368 GiB x 1.1 / 2)
     assert log.count("model 202.40") == 2, log[-3000:]

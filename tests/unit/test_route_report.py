@@ -160,3 +160,38 @@ def test_probes_of_a_real_server_through_the_proxy_make_a_full_report(
     page = (out / "report.md").read_text()
     assert "| Tiny warm request |" in page and "| run1 |" in page
     assert json.loads((out / "report.json").read_text())["probes"] == data["probes"]
+
+
+def test_a_cluster_report_shows_its_ranks_and_its_rates_beside_one_ranks(tmp_path):
+    """route.json's cluster part comes through the probes; --single-rank puts the
+    prefill and decode rates of one rank (a report of the same profile) beside them."""
+    cluster = probes_json()
+    cluster["cluster"] = {"size": 3, "backend": "ring", "parallel": "tensor",
+                          "local_ranks": [0, 1], "serves_http": True,
+                          "ranks": [{"rank": 0, "host": "10.231.1.2", "ip": "10.231.250.1"},
+                                    {"rank": 1, "host": "10.231.1.2", "ip": "10.231.250.1"},
+                                    {"rank": 2, "host": "10.231.2.2", "ip": "10.231.250.2"}]}
+    single = probes_json()
+    single["host"] = "one-rank"
+    single["probes"][1] = probe("needle", 4510, 0, 8, 20.0, 19.0)  # prefill 237.37, decode 7.0
+    (tmp_path / "cluster.json").write_text(json.dumps(cluster))
+    (tmp_path / "single.json").write_text(json.dumps(single))
+    assert main(["--from-json", str(tmp_path / "cluster.json"), "--out", str(tmp_path / "r"),
+                 "--single-rank", str(tmp_path / "single.json")]) == 0
+    page = next((tmp_path / "r").glob("*/*/report.md")).read_text()
+    assert "3 ranks, `ring` backend, tensor parallelism; this host runs rank(s) 0, 1" in page
+    assert "| 2 | 10.231.2.2 | 10.231.250.2 |" in page
+    assert "one-rank at 2026-11-27T10:00:00+00:00" in page
+    assert "| needle | 118.68 | 237.37 | 4.67 | 7.00 |" in page
+    report = json.loads(next((tmp_path / "r").glob("*/*/report.json")).read_text())
+    assert report["single_rank"]["rates"]["needle"] == {"prefill_tok_s": 4510 / 19.0,
+                                                       "decode_tok_s": 7.0}
+    # without one rank's report the section says how to add it; a wrong file is refused
+    page = (build_report(cluster, tmp_path / "r3", stamp="s") / "report.md").read_text()
+    assert "| needle | 118.68 | n/a | 4.67 | n/a |" in page and "--single-rank" in page
+    with pytest.raises(ReportError, match="profile 'other'"):
+        build_report(cluster, tmp_path / "r4", single_rank={**single, "profile": "other"})
+    with pytest.raises(ReportError, match="of one server"):
+        build_report(single, tmp_path / "r5", single_rank=single)
+    assert "## Cluster" not in (build_report(single, tmp_path / "r6", stamp="s") /
+                                "report.md").read_text()

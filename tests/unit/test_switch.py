@@ -73,16 +73,19 @@ class Rig:
         except OSError:
             return None
 
-    def switch(self, release: str, strategy: str, *extra: str,
-               smoke: dict | None = None) -> subprocess.CompletedProcess:
+    def switch(self, release: str, strategy: str, *extra: str, smoke: dict | None = None,
+               rank_host: bool = False) -> subprocess.CompletedProcess:
+        """`rank_host`: as a cluster host without rank 0 runs it (no smoke, no --url)."""
         stop = (f"test -f {self.note} && echo 'stop (503: restarting)' >> {self.log} "
                 f"|| echo stop >> {self.log}; rm -f {self.up}")
         start = (f"echo \"start $(basename $(readlink {self.root}/current)) "
                  f"$(cat {self.definition})\" >> {self.log}; touch {self.up}")
         argv = [sys.executable, str(ROUTECTL), "switch", "--root", str(self.root),
                 "--release", release, "--strategy", strategy, "--stop", stop, "--start", start,
-                "--smoke", json.dumps(smoke or {"model": "m", "messages": [], "expect": "x"}),
-                "--url", f"http://127.0.0.1:{self.http.server_port}", "--timeout", "3",
+                "--smoke", "null" if rank_host else json.dumps(
+                    smoke or {"model": "m", "messages": [], "expect": "x"}),
+                *([] if rank_host else ["--url", f"http://127.0.0.1:{self.http.server_port}"]),
+                "--timeout", "3",
                 "--maintenance", str(self.note), "--keep", "2",
                 "--definition", str(self.definition), "--staged", str(self.staged), *extra]
         return subprocess.run(argv, capture_output=True, text=True, timeout=60)
@@ -209,3 +212,19 @@ def test_a_release_still_used_by_another_process_is_never_pruned(rig, tmp_path):
     assert r.switch("B", "overlap", "--protect", str(in_use)).returncode == 0
     assert r.switch("C", "overlap", "--protect", str(in_use)).returncode == 0
     assert sorted(os.listdir(r.root / "releases")) == ["A", "B", "C"]
+
+
+def test_a_cluster_host_without_rank_0_switches_its_ranks_without_a_wait_and_prunes(rig):
+    """No --url (tasks/server.py ranks_switch_command): the ranks are stopped,
+    `current` moved, started, and the release recorded with old ones pruned as on
+    rank 0's host; no readiness wait here (the stand-in server never answers)."""
+    r = rig({"A": True, "B": True, "C": True})
+    r.cannot_serve.update({"A", "B", "C"})
+
+    done = r.switch("B", "stop-first", rank_host=True)
+    assert done.returncode == 0, done.stderr
+    assert "no readiness wait here" in done.stdout
+    assert r.steps()[-2:] == ["stop (503: restarting)", "start B new definition"]
+    assert r.switch("C", "stop-first", rank_host=True).returncode == 0
+    assert r.current() == "C" and r.state()["previous"] == ["B"]
+    assert sorted(os.listdir(r.root / "releases")) == ["B", "C"]  # keep 2: A pruned
