@@ -137,15 +137,31 @@ def start_server():
     strategy = restart_strategy(budget)
     cluster = host_cluster()
     ranks = cluster_ranks(services)
-    if cluster is not None and SERVER not in services:
-        return start_ranks(p, prof, backend, services, release)
+    if SERVER not in services:  # a cluster host without rank 0
+        start_ranks(p, prof, backend, services, release)
+    else:
+        extra, rank_texts = prepare_server(p, backend, services, cluster, ranks)
+    if cluster is not None:
+        cluster_barrier(p)  # one line for every host of the cluster: see there
+    if SERVER not in services:
+        return
     profiles = served_profiles()
-    svc = services[SERVER]
+    current = release_state(release).get("current")
+    switch_server(p, backend, services[SERVER], prof, release, strategy, current,
+                  [*extra, *rank_texts], ranks, profiles[0])
+    for which in profiles[1:]:  # the other profiles this host serves (route_profiles)
+        switch_server(p, backend, services[which.service], host.data.model_profiles[which.profile],
+                      release, restart_strategy(budget, which.profile), current, [], [], which)
 
+
+def prepare_server(p, backend, services, cluster, ranks) -> tuple[list, list]:
+    """routectl.py, the folders, the backend's files, a cluster's hostfiles and
+    this host's other ranks' definitions; (the hostfiles' fingerprint, the
+    ranks' definitions): parts of the server's own."""
     as_user.put(name="Upload routectl.py", src=str(repo_file("files/routectl.py")),
-              dest=p.script("routectl.py"))
+                dest=p.script("routectl.py"))
     files.directory(name="Create the log directory", path=p.logs_dir, present=True)
-    files.directory(name="Create the HF cache directory", path=svc.env["HF_HUB_CACHE"],
+    files.directory(name="Create the HF cache directory", path=services[SERVER].env["HF_HUB_CACHE"],
                     present=True)
     files.directory(name="Create the state directory", path=p.state_dir, present=True)
     backend.prepare(services)
@@ -153,13 +169,7 @@ def start_server():
     rank_texts = [backend.render(r) for r in ranks]
     for rank, rank_text in zip(ranks, rank_texts):
         backend.install(rank, rank_text)  # started by the switch, with rank 0
-
-    current = release_state(release).get("current")
-    switch_server(p, backend, svc, prof, release, strategy, current, [*extra, *rank_texts], ranks,
-                  profiles[0])
-    for which in profiles[1:]:  # the other profiles this host serves (route_profiles)
-        switch_server(p, backend, services[which.service], host.data.model_profiles[which.profile],
-                      release, restart_strategy(budget, which.profile), current, [], [], which)
+    return extra, rank_texts
 
 
 def switch_server(p, backend, svc, prof, release, strategy, current, extra, ranks,
@@ -216,6 +226,17 @@ def ranks_switch_command(backend, ranks: list, release: str, timeout: int,
     if backend.sudo:
         argv += ["--run-as", p.user]
     return " ".join(q(a) for a in argv)
+
+
+def cluster_barrier(p) -> None:
+    """One operation every host of a cluster runs from this same line, so pyinfra
+    (which orders each host's operations and runs one operation on all hosts
+    before the next) runs it only after the rank-only hosts switched their ranks
+    and before rank 0's switch, whose readiness wait needs every rank up: a
+    rank-only host has more operations before it (its uploads through sudo), so
+    without this rank 0 would wait for ranks not started yet. Changes nothing."""
+    files.directory(name="The cluster's directory (rank 0 starts after the other hosts' ranks)",
+                    path=cluster_dir(p), present=True)
 
 
 def start_ranks(p, prof, backend, services, release) -> None:

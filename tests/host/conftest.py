@@ -37,7 +37,12 @@ def rank_host_checks_only(request):
     run (the ranks' services, the weights, the files' owner); the others skip."""
     if "route" not in request.fixturenames or request.node.get_closest_marker("rank_host"):
         return
-    cluster = request.getfixturevalue("route").get("cluster") or {}
+    skip_on_a_rank_host(request.getfixturevalue("route"))
+
+
+def skip_on_a_rank_host(route: dict) -> None:
+    """Skip (a test, or a module-scoped fixture's tests) on a cluster host without rank 0."""
+    cluster = route.get("cluster") or {}
     if cluster and not cluster.get("serves_http", True):
         pytest.skip(f"a cluster host without rank 0 (ranks {cluster.get('local_ranks')}): "
                     "no HTTP side here; rank 0's host is checked for it")

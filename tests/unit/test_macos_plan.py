@@ -581,12 +581,17 @@ def cluster_plan(tmp_path, backend: str) -> tuple[dict, dict, str]:
     assert proc.returncode == 0, proc.stderr[-4000:]
     uploads: dict = {MAC_A: {}, MAC_B: {}}
     commands: dict = {MAC_A: [], MAC_B: []}
+    order = []  # (host, command), in the order they ran across both Macs
     for line in record.read_text().splitlines():
         item = json.loads(line)
         if "dest" in item:
             uploads[item["host"]][item["dest"]] = item["content"]
         else:
             commands[item["host"]].append(item["command"])
+            order.append((item["host"], item["command"]))
+    commands["order"] = order
+    (results,) = [line for line in proc.stdout.splitlines() if line.startswith('{"plan": ')]
+    commands["operations"] = json.loads(results)["results"]["operations"]
     return uploads, commands, proc.stderr
 
 
@@ -648,6 +653,17 @@ def test_two_macs_serve_one_model_over_thunderbolt(tmp_path, backend):
     assert "--url" not in argv_b and "--keep" in argv_b
     assert "org.mlxroute.server-rank1" in argv_b[argv_b.index("--start") + 1]
     assert "launchctl bootstrap system" in argv_b[argv_b.index("--start") + 1]
-    assert f"{ROUTE}/state/supervisord.release" in argv_b or "--protect" in argv_b
+    # Mac B's rank is up before Mac A's switch waits for a generation through it
+    switches = [host for host, c in commands["order"] if "routectl.py switch " in c]
+    assert switches == [MAC_B, MAC_A], switches
+    # ... whatever the number of operations each Mac has before: one operation of
+    # both (pyinfra runs an operation on every host before the next) stands between
+    ops = [(op["name"], sorted(op["success"] + op["no_change"] + op["error"]))
+           for op in commands["operations"]]
+    barrier = [i for i, (name, hosts) in enumerate(ops) if "rank 0 starts after" in name]
+    assert len(barrier) == 1 and ops[barrier[0]][1] == sorted([MAC_A, MAC_B]), ops
+    switched = {name.split(" | ")[-1].split(" ")[2]: i for i, (name, _) in enumerate(ops)
+                if name.split(" | ")[-1].startswith("Switch the ")}
+    assert switched["cluster"] < barrier[0] < switched["server"], ops
     # each Mac's budget holds half of GLM-5.2 (368 GiB x 1.1 / 2)
     assert log.count("model 202.40") == 2, log[-3000:]
