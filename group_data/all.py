@@ -461,6 +461,12 @@ host_maxfiles = [65536, 524288]
 # Run tests/host against each host after the deploy.
 verify_enabled = True
 
+# With it, the trust gates (tests/host/test_gates.py: tool calls, concurrent
+# requests, the prefix-cache follow-up, Hermes). False: the route checks only
+# (ports, weights, services, the chat through the proxy, files' owner), e.g.
+# a cluster whose model was already gated on one rank.
+verify_gates = True
+
 # --------------------------------------------------------------------------
 # bench_*: speed and memory probes (files/probes.py, tools/route_report.py)
 # --------------------------------------------------------------------------
