@@ -71,6 +71,7 @@ def ranks_manifest(cluster: dict) -> dict:
         "service_running": {name: list(backend.running_check(svc))
                             for name, svc in services.items()},
         "services": {name: svc.label for name, svc in services.items()},
+        "server_blas": blas_manifest(backend, services),
         "venv": p.venv,
         "route_home": p.route_home,
         "filevault": filevault(),

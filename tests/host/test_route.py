@@ -131,6 +131,7 @@ def read_as_route_user(host, command: str):
     return out
 
 
+@pytest.mark.rank_host
 def test_every_model_server_runs_with_the_blas_data_asks_for(host, route):
     """Linux, server_blas_library: each model server (server, server-<profile>,
     cluster ranks) has the preloaded BLAS in its memory map; the mlx wheel's own
