@@ -32,7 +32,10 @@ well it works. None of this runs for a model with one upstream.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter, OrderedDict
+
+log = logging.getLogger("mlx-route-proxy")
 
 POLICIES = ("round-robin", "least-busy", "cache-aware")
 
@@ -153,6 +156,9 @@ class Policy:
             matched = self.index(p).match(chain)
             if matched > best_n:
                 best, best_n = p, matched
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("cache-aware: %d blocks; matched %s", len(chain), ", ".join(
+                f"{p.upstream} {self.index(p).match(chain)} (load {load(p)})" for p in ready))
         if best is None or best_n < self.min_match * len(chain):
             self.decisions[(model, "miss")] += 1
             return ready, chain

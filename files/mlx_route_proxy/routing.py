@@ -149,17 +149,21 @@ class Router:
         order = replicas if len(replicas) == 1 else None
         if order is None:
             order, chain = self.policy.order(replicas, body)
-        for proxy in order:
-            request.pop("unreached", None)
-            resp = await proxy.serve(request, started, path, body, *rest)
-            model = proxy.args.public_name
-            if len(replicas) > 1:
-                self.replica_answers[(model, proxy.upstream, resp.status)] += 1
-            if not request.get("unreached") or request.get("sse") is not None:
-                break
-            self.retries[model] += 1
-        if chain is not None and resp.status < 500 and not request.get("unreached"):
-            self.policy.served(proxy, chain)
+        try:
+            for proxy in order:
+                request.pop("unreached", None)
+                resp = await proxy.serve(request, started, path, body, *rest)
+                model = proxy.args.public_name
+                if len(replicas) > 1:
+                    self.replica_answers[(model, proxy.upstream, resp.status)] += 1
+                if not request.get("unreached") or request.get("sse") is not None:
+                    break
+                self.retries[model] += 1
+        finally:
+            # also when the handler is cancelled: a client that closes its connection
+            # at [DONE] may do so while the proxy waits for the upstream's end
+            if chain is not None and not request.get("unreached"):
+                self.policy.served(proxy, chain)
         self.count(model, resp.status)
         return resp
 
