@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import time
 from types import SimpleNamespace
 
 import httpx2 as httpx
@@ -170,6 +171,27 @@ def test_cache_aware_keeps_each_conversation_on_one_replica_round_robin_does_not
     conversations(rr)
     assert any(len(s) > 1 for s in where([upstream_stub, second_stub]).values())
     assert "proxy_affinity_decisions_total" not in httpx.get(rr.url + "/metrics").text
+
+
+def test_a_client_that_leaves_at_done_still_leaves_its_conversation_where_it_went(
+        replicated, upstream_stub, second_stub):  # noqa: F811
+    """The openai SDK may close its connection at [DONE] while the proxy still waits
+    for the upstream's end of message (mlx_lm.server ends a stream by closing): the
+    handler is cancelled, and the turn must still count for its replica."""
+    p = replicated()
+    body = {"model": "glm-5.2", "stream": True, "stub": {"linger_s": 0.4},
+            "messages": [{"role": "system", "content": "Conversation 7. " + LONG}]}
+    with httpx.Client(timeout=10) as c:
+        with c.stream("POST", p.url + "/v1/chat/completions", json=body) as reply:
+            for line in reply.iter_lines():
+                if line == "data: [DONE]":
+                    break  # and close the connection at once
+    time.sleep(0.6)  # the proxy's grace wait would be over by now
+    body["messages"].append({"role": "user", "content": "And the next turn, please."})
+    client(p).chat.completions.create(model="glm-5.2", messages=body["messages"])
+    assert metric(p, 'proxy_affinity_decisions_total{model="glm-5.2",decision="hit"}') == 1
+    stays = where([upstream_stub, second_stub])
+    assert len(stays[7]) == 1, stays
 
 
 def test_cached_tokens_are_counted_per_replica_and_usage_asked_upstream_is_stripped(
