@@ -158,8 +158,10 @@ def test_forcing_overlap_is_killed_for_memory_the_control(host, first):
     before = host.cg.oom_kills()
     code, log = host.pyinfra("verify_enabled=False", "server_restart_strategy=overlap",
                              'server_extra_args=["--prefill-step-size", "512"]')
-    assert code != 0, log[-3000:]
-    assert host.cg.oom_kills() > before, log[-3000:]
+    # the kernel picks the victim: the smoke (the deploy fails, the route stays as it
+    # was) or the running server, the larger (seen since the smoke runs on OpenBLAS:
+    # the switch then starts the new release); either way, not both in the limit
+    assert host.cg.oom_kills() > before, (code, log[-3000:])
 
 
 def test_a_new_release_is_switched_to_stop_first_while_clients_see_only_200_and_503(
