@@ -4,9 +4,10 @@
         --public-name glm-5.2 --api-key-file ~/.local/share/mlx-route/proxy.key
 
 Modules: cli (flags, logging, the server loop), app (handlers, the key check
-and readiness), admission (concurrency and queue), upstream (the HTTP/1.1
-client on httptools), sse (splitting, renaming and assembling events, strict JSON),
-metrics (Prometheus counters and their middleware).
+and readiness), admission (concurrency and queue; deadlines on one loop
+timer), upstream (the HTTP/1.1 client on httptools), sse (splitting, renaming
+and assembling events, strict JSON), metrics (Prometheus counters and their
+middleware).
 
 What it does, and why (mlx-lm 0.32.2 behaviour, see mlx_lm/server.py):
 - Strips `model` (mlx_lm.server tries to load a model of that name and answers
@@ -30,7 +31,7 @@ What it does, and why (mlx-lm 0.32.2 behaviour, see mlx_lm/server.py):
   without one. /health without the key says only ok or unavailable.
 """
 
-from .admission import Gate, QueueFull
+from .admission import Deadline, Gate, QueueFull, Ticker
 from .app import Proxy, build_app, error
 from .cli import main, parse_args, read_key, validate
 from .metrics import Metrics
@@ -38,7 +39,7 @@ from .sse import Assembler, BadUpstream, EventSplitter, loads, rename_event
 from .upstream import (FirstByteTimeout, Upstream, UpstreamConnection, UpstreamError,
                        MAX_HEAD_BYTES)
 
-__all__ = ["Assembler", "BadUpstream", "EventSplitter", "FirstByteTimeout", "Gate",
+__all__ = ["Assembler", "BadUpstream", "Deadline", "EventSplitter", "FirstByteTimeout", "Gate",
            "MAX_HEAD_BYTES", "Metrics", "Proxy", "QueueFull", "Upstream", "UpstreamConnection",
            "UpstreamError", "build_app", "error", "loads", "main", "parse_args", "read_key",
-           "rename_event", "validate"]
+           "rename_event", "Ticker", "validate"]

@@ -13,7 +13,7 @@ import sys
 from aiohttp import ClientError, web
 
 from . import metrics as metrics_mod
-from .admission import Gate, QueueFull
+from .admission import Deadline, Gate, QueueFull
 from .affinity import CacheUsage, Policy, stream_usage
 from .metrics import GENERATION_PATHS, Metrics
 from .routing import UNKNOWN, Router, parse_key_files, parse_replicas, parse_routes, route_args
@@ -26,6 +26,8 @@ if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
 else:  # aiohttp depends on async-timeout below 3.11
     from async_timeout import timeout as deadline
+
+TICKER_DEADLINES = sys.version_info >= (3, 11)  # admission.Deadline needs Task.uncancel
 
 log = logging.getLogger("mlx-route-proxy")
 
@@ -50,8 +52,10 @@ class StreamCut(ConnectionError):
 
 
 def json_response(data, status: int = 200, headers: dict | None = None) -> web.Response:
-    """aiohttp's json_response with the module's encoder (the same text, sooner)."""
-    return web.json_response(data, status=status, headers=headers, dumps=dumps_text)
+    """aiohttp's json_response with the module's encoder: the same bytes and headers,
+    without its text-to-bytes steps."""
+    return web.Response(body=dumps(data), status=status, headers=headers,
+                        content_type="application/json", charset="utf-8")
 
 
 def error(status: int, message: str, kind: str, headers: dict | None = None) -> web.Response:
@@ -99,6 +103,7 @@ class Proxy:
 
     async def start(self, app: web.Application) -> None:
         self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time  # the method below, one call fewer (~10 a request)
         self.mark_down("not probed yet")
         if getattr(self.args, "restart_command", None):
             self.watchdog = Watchdog(self, self.args)
@@ -236,8 +241,11 @@ class Proxy:
         if (request.content_length or 0) > self.args.max_body_bytes:
             return self.too_large()
         try:
-            if request.content.is_eof():  # the body came with the headers: no timer needed
-                raw = await request.read()
+            content = request.content
+            if content.is_eof():  # the body came with the headers: no timer, no waiting
+                raw = content.read_nowait()
+                if len(raw) > self.args.max_body_bytes:  # (a chunked body; read() checks too)
+                    return self.too_large()
             else:
                 async with deadline(self.args.body_timeout_s):
                     raw = await request.read()
@@ -289,7 +297,8 @@ class Proxy:
         acquired = False
         end = started + self.args.request_timeout_s
         try:
-            async with deadline(max(0.0, end - self.now())):
+            async with (Deadline(self.pool.ticker, end) if TICKER_DEADLINES
+                        else deadline(max(0.0, end - self.now()))):
                 try:
                     await self.gate.acquire()
                 except QueueFull:
@@ -507,47 +516,17 @@ class Proxy:
         # Events are parsed and merged as they arrive, while the upstream is
         # still writing the next ones: linear in the answer, and other clients
         # are served between the pieces.
-        assembler = Assembler(name)
-        splitter = EventSplitter()
-        state = {"done": False, "bad": None}
-
-        def parse(piece: bytes) -> bool:
-            """Takes the events in piece; true once [DONE] came (the rest is not needed)."""
-            self.last_upstream_activity = self.now()
-            if state["done"] or state["bad"] is not None:
-                return False
-            try:
-                if (piece.startswith(b"data: ") and piece.endswith(b"\n\n")
-                        and piece.find(b"\n") == len(piece) - 2 and not splitter.pending):
-                    events = (piece[:-2],)  # one whole event in one piece: the usual case
-                else:
-                    events = splitter.feed(piece)
-                for event in events:
-                    payload = event_data(event)
-                    if payload is None:
-                        continue
-                    if payload == b"[DONE]":
-                        state["done"] = True
-                        return True
-                    self.last_ok = self.now()  # tokens are coming: the upstream is healthy
-                    try:
-                        chunk = loads(payload)
-                    except ValueError as e:
-                        raise BadUpstream(f"event is not valid JSON: {e}") from None
-                    assembler.add(chunk)
-            except BadUpstream as e:
-                state["bad"] = e
-            return False
-
-        resp, raw = await self.exchange(path, body, parse)
+        collect = Collector(self, name)
+        resp, raw = await self.exchange(path, body, collect)
         if resp.status != 200:
             return self.passthrough_error(resp, raw)
-        if not state["done"] and state["bad"] is None:
-            parse(b"\n\n")  # a last event without its blank line
-        if state["bad"] is not None:
-            raise state["bad"]
-        if not state["done"]:
+        if not collect.done and collect.bad is None:
+            collect(b"\n\n")  # a last event without its blank line
+        if collect.bad is not None:
+            raise collect.bad
+        if not collect.done:
             raise StreamCut("the upstream stream ended before [DONE]")
+        assembler = collect.assembler
         if assembler.error is not None:
             return error(502, f"upstream error: {assembler.error}", "upstream_error")
         self.usage.add(assembler.usage)
@@ -620,6 +599,48 @@ class Proxy:
         return error(404, f"no route {request.method} {request.path}; this proxy serves POST "
                      f"{', '.join(GENERATION_PATHS)}, GET /v1/models, /health, /metrics",
                      "not_found")
+
+
+class Collector:
+    """forward_assembled's reader: takes the events of each piece of the upstream's
+    stream as it arrives (read_all's on_body) into an Assembler; true once [DONE]
+    came (the rest is not needed). A malformed event is kept in `bad`."""
+
+    __slots__ = ("proxy", "assembler", "splitter", "done", "bad")
+
+    def __init__(self, proxy: Proxy, name: str):
+        self.proxy = proxy
+        self.assembler = Assembler(name)
+        self.splitter = EventSplitter()
+        self.done = False
+        self.bad: BadUpstream | None = None
+
+    def __call__(self, piece: bytes) -> bool:
+        proxy = self.proxy
+        proxy.last_upstream_activity = now = proxy.now()
+        if self.done or self.bad is not None:
+            return False
+        try:
+            if (piece.startswith(b"data: ") and piece.endswith(b"\n\n")
+                    and piece.find(b"\n") == len(piece) - 2 and not self.splitter.pending):
+                payloads = (piece[6:-2],)  # one whole one-line event in one piece: the usual case
+            else:
+                payloads = [event_data(event) for event in self.splitter.feed(piece)]
+            for payload in payloads:
+                if payload is None:
+                    continue
+                if payload == b"[DONE]":
+                    self.done = True
+                    return True
+                proxy.last_ok = now  # tokens are coming: the upstream is healthy
+                try:
+                    chunk = loads(payload)
+                except ValueError as e:
+                    raise BadUpstream(f"event is not valid JSON: {e}") from None
+                self.assembler.add(chunk)
+        except BadUpstream as e:
+            self.bad = e
+        return False
 
 
 def auth_middleware(proxy: Proxy):

@@ -251,28 +251,39 @@ class Assembler:
         self.error = None  # the first in-band error the upstream sent
 
     def add(self, chunk) -> None:
-        chunk = _dict(chunk, "event")
+        if not isinstance(chunk, dict):
+            raise BadUpstream("upstream event is not an object")
         if self.first is None:
             self.first = chunk
-        if self.error is None and isinstance(chunk.get("error"), (str, dict)):
-            message = chunk["error"]
-            self.error = message.get("message", message) if isinstance(message, dict) else message
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        parts = chunk.get("choices") or []
+        get = chunk.get
+        if self.error is None:
+            message = get("error")
+            if isinstance(message, (str, dict)):
+                self.error = (message.get("message", message) if isinstance(message, dict)
+                              else message)
+        usage = get("usage")
+        if usage:
+            self.usage = usage
+        parts = get("choices") or []
         if not isinstance(parts, list):
             raise BadUpstream("upstream choices are not a list")
         for part in parts:
-            part = _dict(part, "choice")
+            if not isinstance(part, dict):
+                raise BadUpstream("upstream choice is not an object")
             index = part.get("index", 0)
-            if not isinstance(index, int) or isinstance(index, bool):
+            if type(index) is not int and (not isinstance(index, int) or isinstance(index, bool)):
                 raise BadUpstream("upstream choice index is not an integer")
             choice = self.choices.get(index)
             if choice is None:
                 choice = self.choices[index] = {"index": index, "finish_reason": None}
             for key, value in part.items():
                 if key == "delta":
-                    merge_delta(choice.setdefault("message", {}), _dict(value, "delta"))
+                    if not isinstance(value, dict):
+                        raise BadUpstream("upstream delta is not an object")
+                    message = choice.get("message")
+                    if message is None:
+                        message = choice["message"] = {}
+                    merge_delta(message, value)
                 elif key == "finish_reason":
                     if value is not None:
                         choice[key] = value

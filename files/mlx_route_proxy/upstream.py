@@ -25,6 +25,8 @@ import urllib.parse
 
 import httptools
 
+from .admission import Ticker
+
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
 else:  # aiohttp depends on async-timeout below 3.11
@@ -56,13 +58,14 @@ class UpstreamConnection(asyncio.Protocol):
     taken; `reusable` that the connection may carry the next request.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, ticker: Ticker | None = None):
         self.loop = loop
+        self.ticker = ticker or Ticker()  # the pool's: the first-byte timer
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.waiter: asyncio.Future | None = None
         self.idle_since = 0.0
-        self.first_byte_timer: asyncio.TimerHandle | None = None
+        self.first_byte_armed = False
         self.exchange_reset()
 
     def exchange_reset(self) -> None:
@@ -92,12 +95,20 @@ class UpstreamConnection(asyncio.Protocol):
 
     def arm_first_byte(self, seconds: float | None) -> None:
         if seconds:
-            self.first_byte_timer = self.loop.call_later(seconds, self.first_byte_late, seconds)
+            self.first_byte_s = seconds
+            self.first_byte_armed = True
+            self.ticker.add(self.first_byte_late, self.loop.time() + seconds)
 
-    def first_byte_late(self, seconds: float) -> None:
-        self.first_byte_timer = None
+    def disarm_first_byte(self) -> None:
+        if self.first_byte_armed:
+            self.first_byte_armed = False
+            self.ticker.remove(self.first_byte_late)
+
+    def first_byte_late(self) -> None:
+        self.first_byte_armed = False
         if self.in_head and self.error is None:
-            self.error = FirstByteTimeout(f"the upstream sent nothing within {seconds:g} s")
+            self.error = FirstByteTimeout(
+                f"the upstream sent nothing within {self.first_byte_s:g} s")
             self.abort(reset=True)
             self.wake(force=True)
 
@@ -173,9 +184,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = self.parser.should_keep_alive()
         if status in (204, 304):
             self.framed = True
-        if self.first_byte_timer is not None:
-            self.first_byte_timer.cancel()
-            self.first_byte_timer = None
+        if self.first_byte_armed:
+            self.disarm_first_byte()
 
     def on_body(self, body: bytes) -> None:
         if not self.complete and body:
@@ -200,7 +210,7 @@ class UpstreamConnection(asyncio.Protocol):
     def wake(self, force: bool = False) -> None:
         if self.settled is not None and (self.complete or self.error is not None):
             settled, self.settled = self.settled, None
-            settled()
+            settled(self)
         waiter = self.waiter
         if waiter is None or waiter.done():
             return
@@ -287,9 +297,8 @@ class UpstreamConnection(asyncio.Protocol):
         token before a write fails; after a reset its very next write fails.
         """
         self.closed = True
-        if self.first_byte_timer is not None:
-            self.first_byte_timer.cancel()
-            self.first_byte_timer = None
+        if self.first_byte_armed:
+            self.disarm_first_byte()
         if self.transport is None or self.transport.is_closing():
             return  # aborted already
         if reset:
@@ -322,6 +331,7 @@ class Upstream:
         self.first_byte_timeout_s = first_byte_timeout_s
         self.keep = keep
         self.idle: list[UpstreamConnection] = []
+        self.ticker = Ticker()  # first-byte timers and grace periods (and app.py's deadlines)
 
     async def post(self, path: str, body: bytes, wait_head: bool = True,
                    first_byte: bool = True) -> UpstreamConnection:
@@ -333,7 +343,11 @@ class Upstream:
         it); FirstByteTimeout when the headers do not come in time.
         """
         conn = None
-        fresh_after = asyncio.get_running_loop().time() - KEEP_IDLE_S
+        ticker = self.ticker
+        if ticker.loop is None:
+            ticker.loop = asyncio.get_running_loop()
+        # (not get_running_loop() each time: below Python 3.12 it makes a getpid call)
+        fresh_after = ticker.loop.time() - KEEP_IDLE_S
         while self.idle:
             candidate = self.idle.pop()
             if candidate.reusable and candidate.idle_since > fresh_after:
@@ -361,7 +375,7 @@ class Upstream:
         try:
             async with deadline(self.connect_timeout_s):
                 _, conn = await loop.create_connection(
-                    lambda: UpstreamConnection(loop), self.host, self.port, ssl=self.ssl,
+                    lambda: UpstreamConnection(loop, self.ticker), self.host, self.port, ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None)
         except asyncio.TimeoutError:
             raise UpstreamError(f"no connection within {self.connect_timeout_s:g} s") from None
@@ -385,13 +399,13 @@ class Upstream:
         if conn.complete or conn.error is not None or conn.closed:
             self.release(conn)
             return
-        timer = conn.loop.call_later(grace_s, conn.abort)
+        self.ticker.add(conn.abort, conn.loop.time() + grace_s)
+        conn.settled = self.settled
 
-        def settled() -> None:
-            timer.cancel()
-            self.release(conn)
-
-        conn.settled = settled
+    def settled(self, conn: UpstreamConnection) -> None:
+        """The end of an answer release_later() waits for came (or the connection failed)."""
+        self.ticker.remove(conn.abort)
+        self.release(conn)
 
     def close(self) -> None:
         for conn in self.idle:

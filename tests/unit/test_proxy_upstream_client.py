@@ -292,3 +292,52 @@ def test_proxy_answers_502_when_the_upstream_stops_before_done(proxy_factory):
     r = post_chat(p.url)
     srv.close()
     assert r.status_code == 502 and "upstream broke off" in r.json()["error"]["message"], r.text
+
+
+def test_ticker_runs_each_deadline_at_its_time_and_never_a_removed_one():
+    """admission.Ticker: the deadlines of all requests on one loop timer."""
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        ticker, fired = proxy.Ticker(), []
+        t0 = loop.time()
+        calls = {name: (lambda name=name: fired.append((name, loop.time() - t0)))
+                 for name in ("late", "early", "removed", "due")}
+        for name, delay in (("late", 0.25), ("removed", 0.1), ("early", 0.05), ("due", -1)):
+            ticker.add(calls[name], t0 + delay)
+        ticker.remove(calls["removed"])
+        await asyncio.sleep(0.4)
+        return fired, ticker
+
+    fired, ticker = asyncio.run(run())
+    assert [name for name, _ in fired] == ["due", "early", "late"]
+    assert fired[1][1] >= 0.05 and fired[2][1] >= 0.25  # never early
+    assert not ticker.pending and ticker.handle is None  # nothing left behind
+
+
+def test_deadline_on_the_ticker_is_asyncio_timeout():
+    """admission.Deadline: TimeoutError at the deadline, nothing pending after
+    one that did not expire, and a cancel from outside stays a cancel."""
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        ticker = proxy.Ticker()
+        with pytest.raises(TimeoutError):
+            async with proxy.Deadline(ticker, loop.time() + 0.05):
+                await asyncio.sleep(5)
+        async with proxy.Deadline(ticker, loop.time() + 5):
+            await asyncio.sleep(0)
+        assert not ticker.pending
+
+        async def guarded():
+            async with proxy.Deadline(ticker, loop.time() + 5):
+                await asyncio.sleep(5)
+
+        task = asyncio.ensure_future(guarded())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not ticker.pending
+
+    asyncio.run(run())
