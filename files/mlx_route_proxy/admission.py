@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections import deque
+
+UNCANCEL = sys.version_info >= (3, 11)  # Task.cancelling()/uncancel()
 
 
 class QueueFull(Exception):
@@ -18,6 +21,13 @@ class Gate:
         self.limit, self.queue = limit, queue
         self.active = 0
         self.waiters: deque[asyncio.Future] = deque()
+
+    def try_acquire(self) -> bool:
+        """A slot at once if one is free and nobody waits (no coroutine: the usual case)."""
+        if self.active < self.limit and not self.waiters:
+            self.active += 1
+            return True
+        return False
 
     async def acquire(self) -> None:
         if self.active < self.limit and not self.waiters:
@@ -101,21 +111,24 @@ class Ticker:
 
 
 class Deadline:
-    """`async with Deadline(ticker, when)`: asyncio.timeout at loop time `when`, on a
-    Ticker (the same cancellation and TimeoutError; Python 3.11+, which has
-    Task.uncancel)."""
+    """`with Deadline(ticker, when)` in a task: asyncio.timeout at loop time `when`, on
+    a Ticker (the same cancellation, and asyncio.TimeoutError; below Python 3.11,
+    without Task.uncancel, a cancel from outside that meets the deadline is
+    taken for the deadline, as async_timeout does). A plain context manager: the
+    cancellation comes at an await inside the block all the same, and entering
+    and leaving cost no coroutine."""
 
     __slots__ = ("ticker", "when", "task", "cancelling", "expired")
 
     def __init__(self, ticker: Ticker, when: float):
         self.ticker, self.when, self.expired = ticker, when, False
 
-    async def __aenter__(self) -> Deadline:
+    def __enter__(self) -> Deadline:
         ticker = self.ticker
         if ticker.loop is None:
             ticker.loop = asyncio.get_running_loop()
         self.task = asyncio.current_task(ticker.loop)
-        self.cancelling = self.task.cancelling()
+        self.cancelling = self.task.cancelling() if UNCANCEL else 0
         self.ticker.add(self.expire, self.when)
         return self
 
@@ -123,8 +136,9 @@ class Deadline:
         self.expired = True
         self.task.cancel()
 
-    async def __aexit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if not self.expired:
             self.ticker.remove(self.expire)
-        elif self.task.uncancel() <= self.cancelling and exc_type is asyncio.CancelledError:
+        elif ((self.task.uncancel() if UNCANCEL else 0) <= self.cancelling
+              and exc_type is asyncio.CancelledError):
             raise asyncio.TimeoutError from exc  # the cancellation was ours

@@ -27,8 +27,6 @@ if sys.version_info >= (3, 11):
 else:  # aiohttp depends on async-timeout below 3.11
     from async_timeout import timeout as deadline
 
-TICKER_DEADLINES = sys.version_info >= (3, 11)  # admission.Deadline needs Task.uncancel
-
 log = logging.getLogger("mlx-route-proxy")
 
 # Request fields that make mlx_lm.server load something from disk.
@@ -297,15 +295,8 @@ class Proxy:
         acquired = False
         end = started + self.args.request_timeout_s
         try:
-            async with (Deadline(self.pool.ticker, end) if TICKER_DEADLINES
-                        else deadline(max(0.0, end - self.now()))):
-                try:
-                    await self.gate.acquire()
-                except QueueFull:
-                    return error(429, f"{self.gate.limit} generations running and "
-                                 f"{self.gate.queue} waiting; retry later", "rate_limit_error",
-                                 self.retry_headers())
-                acquired = True
+            with Deadline(self.pool.ticker, end):
+                acquired = self.gate.try_acquire() or await self.acquire()
                 if stream:
                     return await self.forward_stream(request, path, body, name, untouched)
                 if logprobs or (top or 0) > 0:
@@ -315,6 +306,10 @@ class Proxy:
                 if self.now() > end:  # assembly is linear, but the deadline is the deadline
                     raise asyncio.TimeoutError
                 return resp
+        except QueueFull:
+            return error(429, f"{self.gate.limit} generations running and "
+                         f"{self.gate.queue} waiting; retry later", "rate_limit_error",
+                         self.retry_headers())
         except asyncio.TimeoutError:
             self.metrics.cancel("deadline")
             msg = f"no complete answer within --request-timeout-s {self.args.request_timeout_s:g}"
@@ -351,6 +346,11 @@ class Proxy:
         finally:
             if acquired:
                 self.gate.release()
+
+    async def acquire(self) -> bool:
+        """Wait for a slot (QueueFull when the queue is full); True once it is ours."""
+        await self.gate.acquire()
+        return True
 
     async def fail(self, request, status: int, message: str, kind: str) -> web.StreamResponse:
         """An error answer; in-band once a stream's headers are out."""
@@ -622,8 +622,11 @@ class Collector:
             return False
         try:
             if (piece.startswith(b"data: ") and piece.endswith(b"\n\n")
-                    and piece.find(b"\n") == len(piece) - 2 and not self.splitter.pending):
-                payloads = (piece[6:-2],)  # one whole one-line event in one piece: the usual case
+                    and piece.find(b"\n") == len(piece) - 2 and b"\r" not in piece
+                    and not self.splitter.pending and not self.splitter.cr):
+                # one whole one-line event in one piece, the usual case: what the
+                # splitter and event_data would make of it
+                payloads = (piece[6:-2],)
             else:
                 payloads = [event_data(event) for event in self.splitter.feed(piece)]
             for payload in payloads:

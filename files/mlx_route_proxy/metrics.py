@@ -85,10 +85,14 @@ def middleware(metrics: Metrics):
     """Counts every answer by path and status; generations also by duration."""
     clock = time.monotonic
 
+    timed_paths = frozenset(GENERATION_PATHS)
+
     @web.middleware
     async def count(request: web.Request, handler):
-        path = label(request.path)
-        timed = path in GENERATION_PATHS
+        path = request.path
+        timed = path in timed_paths
+        if not timed:
+            path = label(path)
         started = clock() if timed else 0.0
         status = 499  # nginx's code for "client closed request": we were cancelled
         try:

@@ -12,7 +12,7 @@ import math
 
 MAX_EVENT_BYTES = 8 * 1024 * 1024  # one SSE event (a token is a few hundred bytes)
 DEFAULT_MODEL = b'"model": "default_model"'
-CONCATENATED = ("content", "reasoning", "reasoning_content", "refusal", "text")
+CONCATENATED = frozenset(("content", "reasoning", "reasoning_content", "refusal", "text"))
 
 
 class BadUpstream(ValueError):

@@ -68,8 +68,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.first_byte_armed = False
         self.exchange_reset()
 
-    def exchange_reset(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+    def exchange_reset(self, parser: bool = True) -> None:
+        """Ready for the next exchange; parser=False keeps the parser (it is new, or
+        took a complete kept-alive answer, after which llhttp awaits the next)."""
+        if parser:
+            self.parser = httptools.HttpResponseParser(self)
         self.body: list[bytes] = []   # decoded body, not taken yet
         self.body_size = 0
         self.in_head = True
@@ -271,7 +274,12 @@ class UpstreamConnection(asyncio.Protocol):
             while not self.complete and not self.enough:
                 if self.error is not None:
                     raise self.error
-                await self.wait("all")
+                self.want = "all"  # self.wait("all"), one coroutine fewer
+                self.waiter = self.loop.create_future()
+                try:
+                    await self.waiter
+                finally:
+                    self.waiter = None
         finally:
             self.listener = None
         if self.error is not None:
@@ -356,7 +364,7 @@ class Upstream:
             candidate.abort()
         if conn is None:
             conn = await self.connect()
-        conn.exchange_reset()
+        conn.exchange_reset(parser=False)  # new, or reusable: its last answer is complete
         conn.busy = True
         conn.send_request(self.prefix + path, self.host_header, body)
         if first_byte:

@@ -322,15 +322,15 @@ def test_deadline_on_the_ticker_is_asyncio_timeout():
     async def run():
         loop = asyncio.get_running_loop()
         ticker = proxy.Ticker()
-        with pytest.raises(TimeoutError):
-            async with proxy.Deadline(ticker, loop.time() + 0.05):
+        with pytest.raises(asyncio.TimeoutError):
+            with proxy.Deadline(ticker, loop.time() + 0.05):
                 await asyncio.sleep(5)
-        async with proxy.Deadline(ticker, loop.time() + 5):
+        with proxy.Deadline(ticker, loop.time() + 5):
             await asyncio.sleep(0)
         assert not ticker.pending
 
         async def guarded():
-            async with proxy.Deadline(ticker, loop.time() + 5):
+            with proxy.Deadline(ticker, loop.time() + 5):
                 await asyncio.sleep(5)
 
         task = asyncio.ensure_future(guarded())
@@ -341,3 +341,37 @@ def test_deadline_on_the_ticker_is_asyncio_timeout():
         assert not ticker.pending
 
     asyncio.run(run())
+
+
+def test_assembly_fast_path_reads_events_as_the_splitter_does():
+    """app.Collector takes a piece that is one whole one-line event without the
+    splitter: whole pieces and the same bytes cut at every byte give the same
+    reply, the same end and the same refusal, odd events included."""
+    app = __import__("mlx_route_proxy.app", fromlist=["Collector"])
+
+    class Owner:  # what Collector touches of its Proxy
+        now = staticmethod(time.monotonic)
+        last_ok = last_upstream_activity = 0.0
+
+    def chunk(content, extra=b""):
+        return (b'{"id": "c1", "object": "chat.completion.chunk", "model": "default_model", '
+                b'"choices": [{"index": 0, "delta": {"content": "%s"}%s}]}' % (content, extra))
+
+    streams = [
+        [b"data: " + chunk(b"Hel") + b"\n\n", b"data:  " + chunk(b"lo") + b"\n\n",
+         b'data: {"choices": [], "usage": {"total_tokens": 3}}\n\n', b"data: [DONE]\n\n"],
+        [b"data: " + chunk(b"a") + b"\r\n\r\n", b"data: [DONE]\r\n\r\n"],  # CRLF events
+        [b"data: " + chunk(b"a") + b"\n\n", b": keepalive\n\n", b"data: [DONE]\r\n\n"],
+        [b"data: " + chunk(b"a", b', "finish_reason": "stop"') + b"\n\n", b"data: [DONE] \n\n"],
+        [b"data: " + chunk(b"a") + b"\n\n", b"data: {\"choices\": 1}\n\n"],  # malformed
+        [b"data: " + chunk(b"a") + b"\n\n", b"data: {not json}\n\n", b"data: [DONE]\n\n"],
+    ]
+    for pieces in streams:
+        results = []
+        for cut in (pieces, [bytes([b]) for b in b"".join(pieces)]):
+            collect = app.Collector(Owner(), "glm-5.2")
+            ended = [collect(piece) for piece in cut]
+            bad = None if collect.bad is None else str(collect.bad)
+            reply = collect.assembler.reply() if collect.bad is None else None
+            results.append((collect.done, any(ended), bad, reply))
+        assert results[0] == results[1], pieces
