@@ -17,7 +17,7 @@ from .admission import Deadline, Gate, QueueFull
 from .affinity import CacheUsage, Policy, stream_usage
 from .metrics import GENERATION_PATHS, Metrics
 from .routing import UNKNOWN, Router, parse_key_files, parse_replicas, parse_routes, route_args
-from .sse import (Assembler, BadUpstream, EventSplitter, dumps, dumps_text, event_data, loads,
+from .sse import (Assembler, BadUpstream, EventSplitter, as_stream, dumps, event_data, loads,
                   rename_event)
 from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
 from .watchdog import Watchdog
@@ -302,7 +302,7 @@ class Proxy:
                 if logprobs or (top or 0) > 0:
                     resp = await self.forward_plain(path, body, name)
                 else:
-                    resp = await self.forward_assembled(path, body, name)
+                    resp = await self.forward_assembled(path, body, name, untouched)
                 if self.now() > end:  # assembly is linear, but the deadline is the deadline
                     raise asyncio.TimeoutError
                 return resp
@@ -388,11 +388,12 @@ class Proxy:
             return conn, raw
         return conn, None
 
-    async def exchange(self, path: str, body: dict, on_body=None):
-        """POST and read the whole answer, waking once; UpstreamUnavailable as open_upstream."""
+    async def exchange(self, path: str, body: dict, on_body=None, raw: bytes | None = None):
+        """POST (raw: the body's bytes, if known) and read the whole answer, waking once;
+        UpstreamUnavailable as open_upstream."""
         conn = None
         try:
-            conn = await self.pool.post(path, dumps(body), wait_head=False)
+            conn = await self.pool.post(path, raw or dumps(body), wait_head=False)
             raw = await conn.read_all(on_body)
         except FirstByteTimeout:
             conn.abort(reset=True)
@@ -510,14 +511,16 @@ class Proxy:
             self.usage.add(reply.get("usage"))
         return json_response(reply)
 
-    async def forward_assembled(self, path, body, name) -> web.Response:
+    async def forward_assembled(self, path, body, name, untouched=None) -> web.Response:
+        # the client's bytes with two keys changed when that is sure, else encoded anew
+        streamed = as_stream(untouched, body) if untouched is not None else None
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         # Events are parsed and merged as they arrive, while the upstream is
         # still writing the next ones: linear in the answer, and other clients
         # are served between the pieces.
         collect = Collector(self, name)
-        resp, raw = await self.exchange(path, body, collect)
+        resp, raw = await self.exchange(path, body, collect, streamed)
         if resp.status != 200:
             return self.passthrough_error(resp, raw)
         if not collect.done and collect.bad is None:

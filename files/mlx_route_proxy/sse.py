@@ -84,6 +84,47 @@ def dumps(obj) -> bytes:
     return dumps_text(obj).encode()
 
 
+# -- the request, streamed --------------------------------------------------------
+
+STREAM_KEY = b'"stream"'
+STREAM_OPTIONS = b'"stream_options": {"include_usage": true}'
+JSON_SPACE = b" \t\r\n"
+
+
+def as_stream(raw: bytes, body: dict) -> bytes | None:
+    """The client's request `raw` (parsed: `body`, a non-streaming request) with
+    `"stream": true` and `stream_options.include_usage`, as bytes, without
+    encoding the whole body again; None when that cannot be done for sure (the
+    caller encodes the body instead).
+
+    Without a top-level `stream`, both keys are added last, where the encoder
+    would put them. With one (false), it is replaced in place when it is sure to
+    be that one: no `\\u` escape anywhere (the letters of a key can be written
+    no other way, so every key reads as written) and `"stream"` written once
+    (a nested key or a value of that name would make two). `stream_options`
+    must not be there. The upstream reads the values the client wrote, in the
+    client's notation (a number is not re-encoded).
+    """
+    if not body or "stream_options" in body:
+        return None
+    end = len(raw.rstrip(JSON_SPACE)) - 1  # the closing brace (raw is a JSON object)
+    if "stream" not in body:
+        return raw[:end] + b', "stream": true, ' + STREAM_OPTIONS + b"}"
+    if body["stream"] is not False or b"\\u" in raw or raw.count(STREAM_KEY) != 1:
+        return None
+    at = raw.find(STREAM_KEY) + len(STREAM_KEY)
+    while raw[at:at + 1] in (b" ", b"\t", b"\r", b"\n"):
+        at += 1
+    if raw[at:at + 1] != b":":
+        return None
+    at += 1
+    while raw[at:at + 1] in (b" ", b"\t", b"\r", b"\n"):
+        at += 1
+    if raw[at:at + 5] != b"false":
+        return None
+    return raw[:at] + b"true" + raw[at + 5:end] + b", " + STREAM_OPTIONS + b"}"
+
+
 # -- splitting -----------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ cover the same client end to end.
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import socket
 import threading
@@ -375,3 +376,38 @@ def test_assembly_fast_path_reads_events_as_the_splitter_does():
             reply = collect.assembler.reply() if collect.bad is None else None
             results.append((collect.done, any(ended), bad, reply))
         assert results[0] == results[1], pieces
+
+
+def test_non_streaming_request_is_made_a_stream_in_its_bytes_exactly_as_by_encoding():
+    """sse.as_stream: the client's body with stream true and usage asked, without
+    encoding it again. Whenever it answers, the upstream reads exactly what the
+    encoded body says; when it cannot be sure which `stream` is the top-level
+    one it declines (None) and the body is encoded instead."""
+    sse = __import__("mlx_route_proxy.sse", fromlist=["as_stream"])
+    made = [
+        b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "stream": false}',
+        b'{"stream":false,"max_tokens":1}',
+        b' {\n\t"stream"\r\n :\n false , "n": 1e2, "seed": 1180591620717411303424}  \n',
+        b'{"messages": [{"role": "user", "content": "say \\"stream\\" please"}], "stream": false}',
+        b'{"max_tokens": 1}',  # no stream at all: both keys added
+        b'{"max_tokens": 1, "stub": {"stream": true}}',  # a nested one, no top-level one
+        b'{"a": "x", "a": "y", "stream": false}',  # a duplicate of another key stays as sent
+    ]
+    declined = [
+        b'{"stream": false, "stub": {"stream": false}}',  # which one is it?
+        b'{"mode": "stream", "stream": false}',  # "stream" as a value too
+        b'{"\\u0073tream": false, "stub": {"stream": false}}',  # the key written escaped
+        b'{"stream": false, "stream_options": {"include_usage": false}}',
+        b'{"stream": false, "stream": false}',
+        b'{}',
+    ]
+    for raw in made + declined:
+        body = sse.loads(raw)
+        out = sse.as_stream(raw, body)
+        if raw in declined:
+            assert out is None, raw
+            continue
+        assert out is not None, raw
+        want = dict(body, stream=True, stream_options={"include_usage": True})
+        assert sse.loads(out) == want and json.loads(out) == want, (raw, out)
+        assert list(json.loads(out)) == list(want), (raw, out)  # the encoder's key order
