@@ -12,8 +12,9 @@ from tasks.probes import probe_route
 from tasks.proxy import start_proxy
 from tasks.proxy_key import ensure_proxy_key
 from tasks.release import build_release
+from tasks.replicas import copy_replica_keys
 from tasks.server import start_server
-from tasks.services import serves_http
+from tasks.services import served_profiles, serves_http
 from tasks.tuning import tune_host
 from tasks.verify import verify_route
 from tasks.workload import provision_workload
@@ -30,6 +31,7 @@ retire_services()  # 5. what holds the ports: stop if data retires it, else refu
 start_server(**as_route)  # 6. mlx_lm.server switched to the release: smoke, start, rollback
 if serves_http():  # a cluster's hosts without rank 0 run only their ranks (tasks/cluster.py)
     ensure_proxy_key(**as_route)  # 7. the proxy's key, made on the host
+    copy_replica_keys(served_profiles(), **as_route)  # the keys of replica hosts' proxies
     start_proxy(**as_route)  # 8. the proxy that strips `model`
     provision_workload(**as_route)  # 9. Terminal-Bench and Hermes for this route (workload_enabled)
 write_manifest(**as_route)  # 10. what the host suite checks (a rank-only host: its ranks)

@@ -36,6 +36,9 @@ class Served:
     # other servers of this profile the proxy spreads its requests over (route_replicas):
     # (URL, key file on this host or None)
     replicas: tuple[tuple[str, str | None], ...] = ()
+    # other inventory hosts serving it ({"host": name} entries): the deploy finds
+    # their proxy's URL and copies their key here (tasks/replicas.py)
+    replica_hosts: tuple[str, ...] = ()
 
     @property
     def primary(self) -> bool:
@@ -97,12 +100,14 @@ def _with_replicas(out: list[Served], replicas, who: str) -> list[Served]:
     if replicas is None:
         replicas = {}
     example = ('e.g. {"glm-5.2-mxfp4": [{"url": "http://studio2.local:8026", '
-               '"key_file": "~/.config/mlx-route/studio2.key"}]}')
+               '"key_file": "~/.config/mlx-route/studio2.key"}]} or, for a host of '
+               'this inventory, {"glm-5.2-mxfp4": [{"host": "studio2.local"}]}')
     if not isinstance(replicas, dict):
         raise RouteError(f"{who}: route_replicas must be a dict {{profile: [replica, ...]}}, "
                          f"{example}; got {replicas!r}")
     by_profile = {s.profile: s for s in out}
     found: dict[str, list] = {}
+    hosts: dict[str, list] = {}
     for name, entries in replicas.items():
         if name not in by_profile:
             raise RouteError(f"{who}: route_replicas names {name!r}, which this host does not "
@@ -110,15 +115,22 @@ def _with_replicas(out: list[Served], replicas, who: str) -> list[Served]:
         if not isinstance(entries, list):
             raise RouteError(f"{who}: route_replicas[{name!r}] must be a list, {example}")
         for entry in entries:
+            if isinstance(entry, dict) and set(entry) == {"host"}:
+                if not isinstance(entry["host"], str) or not entry["host"] or entry["host"] == who:
+                    raise RouteError(f"{who}: route_replicas[{name!r}] entry {entry!r}: \"host\" "
+                                     "must name another host of the inventory")
+                hosts.setdefault(name, []).append(entry["host"])
+                continue
             url = entry.get("url") if isinstance(entry, dict) else None
             key = entry.get("key_file") if isinstance(entry, dict) else None
             if (not isinstance(url, str) or not url.startswith(("http://", "https://"))
                     or not (key is None or isinstance(key, str)) or set(entry) - {"url", "key_file"}):
                 raise RouteError(f"{who}: route_replicas[{name!r}] entry {entry!r} needs a "
                                  "\"url\" (http:// or https://) and may have a \"key_file\", "
-                                 f"{example}")
+                                 f"or is {{\"host\": <inventory name>}} alone; {example}")
             found.setdefault(name, []).append((url, key))
-    return [Served(**{**s.__dict__, "replicas": tuple(found.get(s.profile, ()))}) for s in out]
+    return [Served(**{**s.__dict__, "replicas": tuple(found.get(s.profile, ())),
+                      "replica_hosts": tuple(hosts.get(s.profile, ()))}) for s in out]
 
 
 def _with_aliases(out: list[Served], aliases, who: str) -> list[Served]:

@@ -15,9 +15,10 @@ from tasks import as_user
 from tasks.backends import select_backend
 from tasks.common import paths
 from tasks.proxy_artifact import ARTIFACT, build_zipapp
+from tasks.replicas import stale_keys
 from tasks.restarts import deploy_service
 from tasks.service_spec import PROXY
-from tasks.services import proxy_key_file, route_services
+from tasks.services import proxy_key_file, route_services, served_profiles
 
 
 @deploy("Start the proxy")
@@ -51,6 +52,7 @@ def start_proxy():
     deploy_service(
         backend, svc, [artifact, str(bool(key_file))],
         after_restart=wait_ready,
-        # the proxy reads its key at start: a new key needs a restart
-        force=bool(key_file and host.data.get("proxy_rotate_key")),
+        # the proxy reads its key and its replicas' keys at start: a new key needs a restart
+        force=bool(key_file and host.data.get("proxy_rotate_key"))
+        or bool(stale_keys(served_profiles())),
     )

@@ -23,6 +23,7 @@ from tasks.profiles import Served, served
 from tasks.proxy_args import proxy_argv
 from tasks.proxy_artifact import ARTIFACT
 from tasks.proxy_key import key_path
+from tasks.replicas import host_replicas
 from tasks.service_spec import PROXY, SERVER, Service, blas_env
 
 BLAS_FIX = "apt-get install libopenblas0-pthread"
@@ -110,6 +111,10 @@ def proxy_service_argv(p: RoutePaths, prof: dict, server: Service | None = None,
             argv += ["--replica", f"{which.public_name}={url}"]
             if key_file:
                 argv += ["--upstream-key-file", f"{url}={_resolve(p.home, key_file)}"]
+    for name, _, url, key_file in host_replicas(profiles):  # {"host": ...} (tasks/replicas.py)
+        argv += ["--replica", f"{name}={url}"]
+        if key_file:
+            argv += ["--upstream-key-file", f"{url}={key_file}"]
     return argv
 
 

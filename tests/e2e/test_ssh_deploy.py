@@ -8,6 +8,11 @@ user has passwordless sudo and owns its route; host B's needs its sudo
 password (given in host data, `_sudo_password`), and B's route belongs to
 another user, `route_user`, reached only through that sudo. Needs root
 (skipped otherwise); `pytest -m "not e2e"` leaves it out.
+
+Host A's proxy is also the front door of both: B serves the same profile
+behind its proxy on the A-B bridge only (proxy_host = B's bridge address, with
+a key), and A's data names B as a replica (`route_replicas` {"host": B}): the
+deploy finds B's URL and copies B's key to A in the same run (tasks/replicas.py).
 """
 
 from __future__ import annotations
@@ -17,9 +22,14 @@ import re
 import runpy
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
+from collections import Counter
 from pathlib import Path
 from xml.etree import ElementTree
 
+import openai
 import pytest
 
 from tests.e2e.test_deploy import NO_VERIFY, PYINFRA, REPO, VERIFY_ROW, deploy, results_table
@@ -41,7 +51,11 @@ def hosts(tmp_path_factory):
         inventory = tmp_path_factory.mktemp("ssh") / "inventory_ssh.py"
         # the hosts reach no package index: the deploy brings the wheels
         wheelhouse = tmp_path_factory.mktemp("wheelhouse")
-        inventory.write_text(inventory_text(made, key, known_hosts, wheelhouse, PROFILE))
+        a, b = made
+        # A is the front door: B (on the A-B bridge only, with its key) a replica of PROFILE
+        extra = {0: f"'route_replicas': {{{PROFILE!r}: [{{'host': {b.address!r}}}]}}, ",
+                 1: f"'proxy_host': {b.bridge_address!r}, 'proxy_api_key': True, "}
+        inventory.write_text(inventory_text(made, key, known_hosts, wheelhouse, PROFILE, extra))
         yield made, str(inventory), known_hosts, wheelhouse
 
 
@@ -268,3 +282,137 @@ def test_workstation_view_of_a_loopback_proxy(hosts, first_run, tmp_path):
         "test_server_port_refuses_the_lan": "passed",
         "test_loopback_only_proxy_refuses_the_lan": "passed",
     }, result.stdout[-3000:]
+
+
+# The front door: host A's proxy spreads PROFILE over A's own server and B's
+# (B's proxy on the bridge, with B's key that the deploy copied to A). The
+# client is this machine's namespace (the LAN), with the openai SDK.
+
+def front_door(hosts):
+    (a, b) = hosts[0]
+    key = (a.home / ".local/share/mlx-route/proxy.key").read_text().strip()
+    return a, b, f"http://{a.address}:8026", key
+
+
+def replica_counts(url: str, key: str) -> dict[str, int]:
+    """{replica upstream: answers with 200} from the front door's /metrics."""
+    text = metrics(url, key)
+    counts: dict[str, int] = {}
+    for upstream, code, n in re.findall(
+            r'^proxy_replica_requests_total\{model="[^"]*",upstream="([^"]*)",code="(\d+)"\} (\d+)',
+            text, re.M):
+        counts.setdefault(upstream, 0)
+        if code == "200":
+            counts[upstream] += int(n)
+    return counts
+
+
+def ask(client, n: int = 8) -> tuple[int, str]:
+    """(HTTP status, Retry-After or the text) of one chat through the front door."""
+    try:
+        reply = client.chat.completions.create(
+            model="openai/glm52", max_tokens=n,
+            messages=[{"role": "user", "content": "Say hello."}])
+        return 200, reply.choices[0].message.content or ""
+    except openai.APIStatusError as error:
+        return error.status_code, error.response.headers.get("retry-after", "")
+
+
+def client_for(url: str, key: str):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def test_the_deploy_copied_the_replica_hosts_key_to_the_front_door(hosts, first_run):
+    """B's key on A, mode 0600 in a 0700 folder, equal to B's, never printed."""
+    a, b, _, _ = front_door(hosts)
+    copy = a.home / ".local/share/mlx-route/replicas" / f"{b.address}.key"
+    theirs = (b.route_home / ".local/share/mlx-route/proxy.key").read_text().strip()
+    assert copy.read_text().strip() == theirs
+    assert copy.stat().st_mode & 0o777 == 0o600 and copy.parent.stat().st_mode & 0o777 == 0o700
+    assert copy.owner() == a.name
+    assert theirs not in first_run
+    # A's proxy runs with B as a replica of the profile, reached on the bridge
+    argv = Path(f"/proc/{front_door_pid(a)}/cmdline").read_bytes().decode().split("\0")
+    assert f"http://{b.bridge_address}:8026" in " ".join(argv), argv
+    assert f"http://{b.bridge_address}:8026={copy}" in argv
+
+
+def front_door_pid(a) -> int:
+    pids = subprocess.run(["pgrep", "-u", a.name, "-f", "mlx_route_proxy|proxy.pyz"],
+                          capture_output=True, text=True).stdout.split()
+    (pid,) = [int(p) for p in pids if "--replica" in Path(f"/proc/{p}/cmdline").read_text()]
+    return pid
+
+
+def test_lan_requests_through_the_front_door_land_on_both_hosts(hosts, first_run):
+    a, b, url, key = front_door(hosts)
+    client = client_for(url, key)
+    before = replica_counts(url, key)
+    answers = [ask(client)[0] for _ in range(6)]
+    assert answers == [200] * 6, answers
+    after = replica_counts(url, key)
+    gained = {up: after.get(up, 0) - before.get(up, 0) for up in after}
+    assert len(gained) == 2 and all(n >= 1 for n in gained.values()), gained
+    assert any(b.bridge_address in up for up in gained), gained
+    print(f"front door: 6 requests -> {gained}")
+
+
+def b_servers(b) -> list[int]:
+    """B's mlx_lm.server processes (its route_user's)."""
+    out = subprocess.run(["pgrep", "-u", b.route_user, "-f", "mlx_lm.server"],
+                         capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in out
+            if "mlx_lm.server" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(
+                errors="replace").split("\0")[:3]]
+
+
+def test_front_door_rides_out_a_replica_killed_and_brought_back(hosts, first_run):
+    """B's server killed (SIGKILL) while LAN clients keep asking: every answer is
+    200 or a clean 503 with Retry-After (never a 500, never a hang); B's
+    supervisord brings it back and the front door sends it requests again."""
+    a, b, url, key = front_door(hosts)
+    client = client_for(url, key)
+    (victim,) = b_servers(b)
+    answers: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def asking():
+        for _ in range(40):  # bounded: 40 requests or until told
+            if stop.is_set():
+                return
+            answers.append(ask(client))
+
+    worker = threading.Thread(target=asking)
+    worker.start()
+    time.sleep(1)
+    killed_at = time.monotonic()
+    subprocess.run(["kill", "-KILL", str(victim)], check=True)
+    # B's service manager restarts it (service_restart_delay_s), then A's probe of B passes
+    deadline = time.monotonic() + 180
+    back = None
+    while time.monotonic() < deadline:
+        servers = b_servers(b)
+        if servers and servers != [victim] and re.search(
+                rf'proxy_replica_ready\{{[^}}]*{re.escape(b.bridge_address)}[^}}]*\}} 1', metrics(url, key)):
+            back = time.monotonic() - killed_at
+            break
+        time.sleep(1)
+    stop.set()
+    worker.join(timeout=300)
+    assert not worker.is_alive(), "a request through the front door hung"
+    assert back is not None, f"B's replica was not ready again within 180 s: {b_servers(b)}"
+    statuses = [status for status, _ in answers]
+    assert answers and set(statuses) <= {200, 503}, answers
+    assert all(after for status, after in answers if status == 503), answers
+    before = replica_counts(url, key)
+    assert [ask(client)[0] for _ in range(4)] == [200] * 4
+    gained = {up: n - before.get(up, 0) for up, n in replica_counts(url, key).items()}
+    assert any(b.bridge_address in up and n >= 1 for up, n in gained.items()), gained
+    print(f"replica killed: {len(answers)} answers {dict(sorted(Counter(statuses).items()))}, "
+          f"B ready again after {back:.0f} s, then {gained}")
+
+
+def metrics(url: str, key: str) -> str:
+    request = urllib.request.Request(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return response.read().decode()

@@ -49,9 +49,11 @@ def test_no_route_profiles_is_the_one_profile_on_server_port_as_before():
 def test_replicas_of_a_profile_on_other_hosts():
     (only,) = served(data(route_replicas={"glm-5.2-mxfp4": [
         {"url": "http://studio2.local:8026", "key_file": "~/.config/mlx-route/studio2.key"},
-        {"url": "http://10.0.0.3:8026"}]}), "studio")
+        {"url": "http://10.0.0.3:8026"}, {"host": "studio3"}]}), "studio")
     assert only.replicas == (("http://studio2.local:8026", "~/.config/mlx-route/studio2.key"),
                              ("http://10.0.0.3:8026", None))
+    # a host of the inventory: the deploy finds its URL and key (tasks/replicas.py)
+    assert only.replica_hosts == ("studio3",)
 
 
 def test_two_profiles_each_a_service_on_its_port_with_their_aliases():
@@ -79,6 +81,9 @@ def test_two_profiles_each_a_service_on_its_port_with_their_aliases():
     ({"route_replicas": {"glm-5.2-mxfp4": [{"url": "http://s2:8026", "key": "k"}]}},
      'may have a "key_file"'),
     ({"route_replicas": {"glm-5.2-mxfp4": "http://s2:8026"}}, "must be a list"),
+    ({"route_replicas": {"glm-5.2-mxfp4": [{"host": "studio"}]}}, "must name another host"),
+    ({"route_replicas": {"glm-5.2-mxfp4": [{"host": "s2", "url": "http://s2:8026"}]}},
+     '{"host": <inventory name>} alone'),
     ({"route_profiles": {"glm-5.2-mxfp4": 8025, "qwen3-30b": 8012},
       "route_aliases": {"glm-5.2": "qwen3-30b"}}, "already names 'glm-5.2-mxfp4'"),
 ])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import socket
 import subprocess
 
 import pytest
@@ -48,9 +49,17 @@ def route(lan_host, ssh_config, request) -> dict:
 
 
 @pytest.fixture(scope="session")
-def lan_proxy(route) -> bool:
-    """Whether the proxy listens beyond loopback (proxy_host)."""
-    return route["proxy"]["host"] not in ("127.0.0.1", "localhost", "::1")
+def lan_proxy(route, lan_host) -> bool:
+    """Whether the proxy listens where the LAN reaches the host (proxy_host: every
+    address, or lan_host's own): not on loopback only, nor only on another
+    address of the host (a bridge to a second Mac that the LAN does not reach)."""
+    listen = route["proxy"]["host"]
+    if listen in ("0.0.0.0", "::", ""):
+        return True
+    if listen in ("127.0.0.1", "localhost", "::1"):
+        return False
+    return bool({info[4][0] for info in socket.getaddrinfo(listen, None)}
+                & {info[4][0] for info in socket.getaddrinfo(lan_host, None)})
 
 
 @pytest.fixture(scope="session")
