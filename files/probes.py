@@ -100,7 +100,7 @@ def endpoint(manifest: dict, via: str) -> tuple[str, str | None]:
     if key_file:
         with open(key_file) as f:
             key = f.read().strip()
-    return f"http://127.0.0.1:{manifest['proxy']['port']}", key
+    return f"http://{manifest['proxy'].get('address', '127.0.0.1')}:{manifest['proxy']['port']}", key
 
 
 def _run(cmd: str) -> str:

@@ -15,6 +15,7 @@ from tasks.backends import select_backend
 from tasks.common import RouteError, paths, profile
 from tasks.host_facts import filevault
 from tasks.service_spec import SERVER
+from tasks.proxy_args import local_address
 from tasks.services import (host_cluster, public_name, proxy_key_file, route_services,
                             server_blas, served_profiles)
 from tasks.workload import manifest_part as workload_manifest
@@ -106,6 +107,9 @@ def manifest() -> dict:
         "proxy": {
             "host": host.data.proxy_host,
             "port": host.data.proxy_port,
+            # where the host itself reaches it (curl, probes): proxy_host unless that
+            # is every address (then loopback)
+            "address": local_address(str(host.data.proxy_host)),
             "key_file": proxy_key_file(p),
         },
         "backend": backend.name,

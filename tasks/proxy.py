@@ -14,6 +14,7 @@ from pyinfra.operations import files, server
 from tasks import as_user
 from tasks.backends import select_backend
 from tasks.common import paths
+from tasks.proxy_args import local_address
 from tasks.proxy_artifact import ARTIFACT, build_zipapp
 from tasks.replicas import stale_keys
 from tasks.restarts import deploy_service
@@ -34,9 +35,7 @@ def start_proxy():
     q = shlex.quote
 
     def wait_ready():
-        host_ = host.data.proxy_host
-        if host_ in ("0.0.0.0", "::", ""):
-            host_ = "127.0.0.1"
+        host_ = local_address(str(host.data.proxy_host))
         key = f" --key-file {q(key_file)}" if key_file else ""
         server.shell(
             name="Wait until the proxy's /health is 200",

@@ -39,6 +39,14 @@ WATCHDOG_FLAGS = {
 }
 
 
+def local_address(listen: str) -> str:
+    """Where a process on the host reaches a proxy listening on `listen` (proxy_host):
+    loopback when it listens on every address, else that address."""
+    if listen in ("0.0.0.0", "::", "", "localhost"):
+        return "127.0.0.1"
+    return f"[{listen}]" if ":" in listen else listen
+
+
 def proxy_argv(python: str, script: str, key_file: str | None, data,
                public_name: str | None = None, maintenance_file: str | None = None,
                watchdog: tuple[str, str] | None = None) -> list[str]:

@@ -20,6 +20,11 @@ import shlex
 import pytest
 
 
+def proxy_address(route: dict) -> str:
+    """Where the host reaches its proxy (route.json; loopback before it said)."""
+    return route["proxy"].get("address", "127.0.0.1")
+
+
 @pytest.fixture(scope="module")
 def route(host, request):
     path = request.config.getoption("--route-manifest")
@@ -62,9 +67,10 @@ def http(host, route):
         data = ""
         if body is not None:
             data = f"-H 'Content-Type: application/json' --data-binary {shlex.quote(json.dumps(body))} "
+        address = proxy_address(route) if port == route["proxy"]["port"] else "127.0.0.1"
         out = host.run(
             f"curl -sS --max-time {timeout} -X {method} {auth}{data}"
-            f"-w '\\n%{{http_code}}' http://127.0.0.1:{port}{path}"
+            f"-w '\\n%{{http_code}}' http://{address}:{port}{path}"
         )
         assert out.rc == 0, f"curl failed on the host: {out.stderr}"
         text, _, status = out.stdout.rpartition("\n")

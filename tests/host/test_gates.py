@@ -43,13 +43,18 @@ def curl_auth(route) -> str:
     return f'-H "Authorization: Bearer $(cat {shlex.quote(key_file)})" ' if key_file else ""
 
 
+def proxy_url(route: dict) -> str:
+    """The proxy as the host reaches it (route.json's address: proxy_host, or loopback)."""
+    return f"http://{route['proxy'].get('address', '127.0.0.1')}:{route['proxy']['port']}"
+
+
 def post(host, route, body: dict, timeout: int) -> tuple[int, dict | str, float]:
     """POST /v1/chat/completions to the proxy with curl on the host: status, body, wall (s)."""
     out = host.run(
         f"curl -sS --max-time {int(timeout)} -X POST {curl_auth(route)}"
         f"-H 'Content-Type: application/json' --data-binary {shlex.quote(json.dumps(body))} "
         f"-w '\\n%{{http_code}} %{{time_total}}' "
-        f"http://127.0.0.1:{route['proxy']['port']}/v1/chat/completions"
+        f"{proxy_url(route)}/v1/chat/completions"
     )
     assert out.rc == 0, f"curl failed on the host: {out.stderr}"
     text, _, meta = out.stdout.rpartition("\n")
@@ -122,7 +127,7 @@ def test_concurrent_requests_all_complete(host, route, gates, record_property):
     body = chat_body(gates, route["smoke"]["messages"],
                      max_tokens=route["smoke"].get("max_tokens", 16))
     data = shlex.quote(json.dumps(body))
-    url = f"http://127.0.0.1:{route['proxy']['port']}/v1/chat/completions"
+    url = f"{proxy_url(route)}/v1/chat/completions"
     script = (
         "d=$(mktemp -d); "
         f"for i in $(seq 1 {n}); do curl -sS --max-time {int(gates['max_wall_s'])} -X POST "

@@ -243,3 +243,14 @@ def test_the_wheelhouse_holds_the_model_wheel_of_every_served_profile():
     with ctx_state.use(state), ctx_host.use(inventory.get_host("studio")):
         # model_profile first, then the others by name (served())
         assert model_package() == ["llm-other==1.0", smol["package"]]
+
+
+def test_a_replica_host_not_in_the_inventory_is_refused_before_anything_changes(tmp_path):
+    """{"host": NAME} names a host of the same inventory (tasks/replicas.py finds its
+    proxy's URL and copies its key); a name the inventory lacks is refused, with
+    what to do, and the fake Mac's plan changes nothing."""
+    plan = run_plan(tmp_path, None, 'route_replicas={"glm-5.2-mxfp4": [{"host": "studio-9"}]}')
+    assert plan.code != 0
+    assert ("route_replicas['glm-5.2-mxfp4'] names host 'studio-9', which is not in the "
+            "inventory (other hosts: none); add it to the inventory") in plan.output
+    assert not plan.uploads
