@@ -16,7 +16,8 @@ from . import metrics as metrics_mod
 from .admission import Deadline, Gate, QueueFull
 from .affinity import CacheUsage, Policy, stream_usage
 from .metrics import GENERATION_PATHS, Metrics
-from .routing import UNKNOWN, Router, parse_key_files, parse_replicas, parse_routes, route_args
+from .routing import (UNKNOWN, Router, parse_key_files, parse_replicas, parse_routes,
+                      read_upstream_key, route_args, upstream_urls)
 from .sse import (Assembler, BadUpstream, EventSplitter, as_stream, dumps, event_data, loads,
                   rename_event)
 from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
@@ -663,6 +664,15 @@ def auth_middleware(proxy: Proxy):
 
 
 def build_app(args: argparse.Namespace, key: bytes | None) -> web.Application:
+    routes, aliases = parse_routes(getattr(args, "route", None) or [],
+                                   getattr(args, "alias", None) or [], args.public_name)
+    replicas = parse_replicas(getattr(args, "replica", None) or [],
+                              [args.public_name, *(r["name"] for r in routes)])
+    keys = parse_key_files(getattr(args, "upstream_key_file", None) or [],
+                           upstream_urls(args, routes, replicas))
+    if keys.get(args.upstream):  # the first model's upstream is another host's proxy
+        args = argparse.Namespace(**{**vars(args),
+                                     "upstream_key": read_upstream_key(keys[args.upstream])})
     proxy = Proxy(args, key)
     middlewares = [metrics_mod.middleware(proxy.metrics)]
     if key is not None:
@@ -679,12 +689,7 @@ def build_app(args: argparse.Namespace, key: bytes | None) -> web.Application:
     app.router.add_route("*", "/{tail:.*}", proxy.handle_unknown)
     app.on_startup.append(proxy.start)
     app.on_cleanup.append(proxy.stop)
-    routes, aliases = parse_routes(getattr(args, "route", None) or [],
-                                   getattr(args, "alias", None) or [], args.public_name)
-    replicas = parse_replicas(getattr(args, "replica", None) or [],
-                              [args.public_name, *(r["name"] for r in routes)])
-    keys = parse_key_files(getattr(args, "upstream_key_file", None) or [],
-                           [r["upstream"] for r in replicas])
+    routes = [{**r, "key_file": keys.get(r["upstream"])} for r in routes]
     replicas = [{**r, "key_file": keys.get(r["upstream"])} for r in replicas]
     if routes or replicas:  # several models or replicas, one Proxy each (routing.py)
         models = {args.public_name: [proxy]}

@@ -16,7 +16,8 @@ from aiohttp import web, web_protocol
 
 from .affinity import POLICIES
 from .app import build_app, error
-from .routing import RouteSpecError, parse_key_files, parse_replicas, parse_routes
+from .routing import (RouteSpecError, parse_key_files, parse_replicas, parse_routes,
+                      upstream_urls)
 
 log = logging.getLogger("mlx-route-proxy")
 
@@ -104,8 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, kind, default, text in AFFINITY_LIMITS:
         r.add_argument(flag, type=kind, default=default, help=text)
     p.add_argument("--upstream-key-file", action="append", default=[], metavar="URL=PATH",
-                   help="the key of an upstream that needs one (a --replica that is another "
-                        "host's proxy): sent as 'Authorization: Bearer <key>'; mode 0600")
+                   help="the key of an upstream that needs one (another host's proxy: a "
+                        "--replica, or --upstream and --route on a host that runs only the "
+                        "proxy): sent as 'Authorization: Bearer <key>'; mode 0600")
     p.add_argument("--api-key-file", default=None,
                    help="file holding the API key (mode 0600); clients send "
                         "'Authorization: Bearer <key>'")
@@ -169,7 +171,7 @@ def validate(args: argparse.Namespace) -> str | None:
     try:
         routes, _ = parse_routes(args.route, args.alias, args.public_name)
         replicas = parse_replicas(args.replica, [args.public_name, *(r["name"] for r in routes)])
-        keys = parse_key_files(args.upstream_key_file, [r["upstream"] for r in replicas])
+        keys = parse_key_files(args.upstream_key_file, upstream_urls(args, routes, replicas))
     except RouteSpecError as e:
         return str(e)
     for path in keys.values():

@@ -84,10 +84,16 @@ def parse_replicas(replicas: list[str], names: list[str]) -> list[dict]:
     return parsed
 
 
+def upstream_urls(args: argparse.Namespace, routes: list[dict], replicas: list[dict]) -> list[str]:
+    """Every upstream's URL: --upstream, the --routes', the --replicas'."""
+    return [args.upstream, *(r["upstream"] for r in routes), *(r["upstream"] for r in replicas)]
+
+
 def parse_key_files(key_files: list[str], upstreams: list[str]) -> dict[str, str]:
-    """--upstream-key-file URL=PATH flags: {replica URL: key file}."""
+    """--upstream-key-file URL=PATH flags: {upstream URL: key file}."""
     out = {}
-    usage = f"URL=PATH with URL one of the --replica URLs: {', '.join(upstreams) or '(none)'}"
+    usage = (f"URL=PATH with URL one of the upstream URLs (--upstream, --route, --replica): "
+             f"{', '.join(upstreams) or '(none)'}")
     for text in key_files:
         url, path = flag_pair("--upstream-key-file", text, usage,
                               lambda name, value: name in upstreams and bool(value), last=True)

@@ -123,7 +123,7 @@ def test_one_model_still_takes_any_name(upstream_stub, proxy_factory):
     (["--replica", "nope=http://127.0.0.1:1"], "must be MODEL=URL with MODEL one of the names"),
     (["--replica", "default_model=127.0.0.1:1"], "must be an http:// or https:// URL"),
     (["--upstream-key-file", "http://127.0.0.1:1=/k"], "must be URL=PATH with URL one of the "
-                                                        "--replica URLs"),
+                                                        "upstream URLs"),
 ])
 def test_bad_route_flags_are_refused_with_one_line(flags, words):
     cli = importlib.import_module(load_proxy().__name__ + ".cli")
@@ -191,3 +191,28 @@ def test_a_replica_behind_another_proxy_gets_its_key_and_the_key_stays_out_of_th
     with pytest.raises(RuntimeError, match="--upstream-key-file .* is readable by others"):
         proxy_factory(upstream_stub.url, "--replica", f"default_model={other.url}",
                       "--upstream-key-file", f"{other.url}={key_file}")
+
+
+def test_a_front_door_with_no_server_of_its_own_sends_its_key_to_each_upstream(
+        upstream_stub, second_stub, proxy_factory, tmp_path):
+    """A host that runs only the proxy (route_front_door_only): its --upstream and
+    its --replica are both other hosts' proxies, each wanting its own key."""
+    proxies = []
+    for name, stub in (("studio1", upstream_stub), ("studio2", second_stub)):
+        key_file = tmp_path / f"{name}.key"
+        key_file.write_text(name * 8 + "\n")
+        key_file.chmod(0o600)
+        proxies.append((proxy_factory(stub.url, "--public-name", "glm-5.2", "--api-key-file",
+                                      str(key_file)), key_file))
+    (one, one_key), (two, two_key) = proxies
+    front = proxy_factory(one.url, "--public-name", "glm-5.2", "--replica", f"glm-5.2={two.url}",
+                          "--upstream-key-file", f"{one.url}={one_key}",
+                          "--upstream-key-file", f"{two.url}={two_key}")
+    wait_healthy(front.url)
+    c = client(front)
+    for _ in range(4):
+        assert c.chat.completions.create(model="glm-5.2", messages=CHAT).model == "glm-5.2"
+    for upstream in (one, two):
+        assert metric(front, f'proxy_replica_requests_total{{model="glm-5.2",'
+                             f'upstream="{upstream.url}",code="200"}}') >= 1
+    assert "studio1" not in front.log() and "studio2" not in front.log()
