@@ -215,6 +215,17 @@ route_aliases = {}
 # proxy.key; None: it needs none). A replica that fails is left out until it
 # answers again; a request that never reached one goes to another.
 route_replicas = {}
+# A replica may also be a host of the same inventory, {"host": "studio2.local"}:
+# the deploy reaches its proxy at its proxy_host (or its SSH address when that
+# proxy listens on 0.0.0.0) and copies its key to this host in the same run
+# (route_home/replicas/<host>.key, mode 0600; tasks/replicas.py).
+
+# True: this host runs only the front door (the proxy, its key, its service),
+# no model server, no weights: a workstation or a small always-on box in front
+# of the Macs. Every profile in route_replicas is served by its replicas only;
+# model_profile must be one of them (the proxy's first model); route_profiles
+# stays None.
+route_front_door_only = False
 
 # Which replica of a profile takes a request (files/mlx_route_proxy/affinity.py):
 #   "cache-aware"  the replica that was sent the longest prefix of the prompt

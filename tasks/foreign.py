@@ -67,7 +67,8 @@ def ours(args: str) -> bool:
 
 
 def foreign_listeners() -> list[dict]:
-    ports = (host.data.proxy_port, *(which.port for which in served(host.data, host.name)))
+    ports = (host.data.proxy_port, *(which.port for which in served(host.data, host.name)
+                                     if which.port is not None))
     return [found for found in host.get_fact(PortListeners, ports=ports, darwin=is_macos()) or []
             if not ours(found["args"])]
 

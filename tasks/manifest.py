@@ -123,7 +123,10 @@ def manifest() -> dict:
         "service_running": {name: list(backend.running_check(svc))
                             for name, svc in services.items()},
         # prints the server's pid (the probes' memory readings)
-        "server_pid_command": backend.watchdog_pid_command(services[SERVER]),
+        "server_pid_command": (backend.watchdog_pid_command(services[SERVER])
+                               if SERVER in services else None),
+        # route_front_door_only: no model server here; the host suite checks the proxy only
+        "front_door_only": SERVER not in services,
         "services": {name: svc.label for name, svc in services.items()},
         # Linux: the BLAS the model servers preload (server_blas_library): the host
         # suite finds `mapped` in each one's /proc/<pid>/maps; mapped None: the

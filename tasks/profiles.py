@@ -29,8 +29,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a profile key, usable in a
 @dataclass(frozen=True)
 class Served:
     profile: str  # key of model_profiles
-    port: int  # its mlx_lm.server's port
-    service: str  # "server" (model_profile) or "server-<profile>"
+    port: int | None  # its mlx_lm.server's port (None: on a front door only, no server here)
+    service: str  # "server" (model_profile) or "server-<profile>" ("" on a front door only)
     public_name: str  # the name replies carry when a client sends none
     aliases: tuple[str, ...]  # more names clients may send for it
     # other servers of this profile the proxy spreads its requests over (route_replicas):
@@ -71,6 +71,8 @@ def served(data, who: str) -> list[Served]:
         raise RouteError(f"{who}: route_profiles[{primary!r}] is {table[primary]!r} but "
                          f"server_port is {data.get('server_port')!r}: model_profile is served "
                          "on server_port; make them equal")
+    if data.get("route_front_door_only"):
+        return _front_door(data, who, profiles, primary)
     public = data.get("proxy_public_name")
     out, ports = [], {}
     for name in [primary, *sorted(n for n in table if n != primary)]:
@@ -94,6 +96,34 @@ def served(data, who: str) -> list[Served]:
             aliases=()))
     return _with_replicas(_with_aliases(out, data.get("route_aliases"), who),
                           data.get("route_replicas"), who)
+
+
+def _front_door(data, who: str, profiles: dict, primary: str) -> list[Served]:
+    """route_front_door_only: the profiles of route_replicas, each served by its
+    replicas only (no server on this host), model_profile first."""
+    if data.get("route_profiles") is not None:
+        raise RouteError(f"{who}: route_front_door_only runs no model server here, but "
+                         "route_profiles is set; set route_profiles = None and list the "
+                         "profiles and their hosts in route_replicas")
+    replicas = data.get("route_replicas")
+    if not isinstance(replicas, dict) or primary not in replicas:
+        raise RouteError(f"{who}: route_front_door_only needs route_replicas to list "
+                         f"model_profile {primary!r} (the proxy's first model) with the hosts "
+                         f"that serve it, e.g. {{{primary!r}: [{{\"host\": \"studio1.local\"}}, "
+                         f"{{\"host\": \"studio2.local\"}}]}}")
+    public = data.get("proxy_public_name")
+    out = []
+    for name in [primary, *(n for n in replicas if n != primary)]:
+        if name not in profiles:
+            raise RouteError(f"{who}: route_replicas names {name!r}, which is not in "
+                             f"model_profiles (known: {', '.join(sorted(profiles))})")
+        if not replicas[name]:
+            raise RouteError(f"{who}: route_replicas[{name!r}] is empty: a front door only "
+                             "needs at least one host serving it")
+        out.append(Served(profile=name, port=None, service="",
+                          public_name=(public if name == primary and public
+                                       else profiles[name]["public_name"]), aliases=()))
+    return _with_replicas(_with_aliases(out, data.get("route_aliases"), who), replicas, who)
 
 
 def _with_replicas(out: list[Served], replicas, who: str) -> list[Served]:

@@ -49,16 +49,17 @@ def local_address(listen: str) -> str:
 
 def proxy_argv(python: str, script: str, key_file: str | None, data,
                public_name: str | None = None, maintenance_file: str | None = None,
-               watchdog: tuple[str, str] | None = None) -> list[str]:
+               watchdog: tuple[str, str] | None = None, upstream: str | None = None) -> list[str]:
     """argv of the proxy service; `data` is a pyinfra host.data (or any .get()).
 
     `watchdog`: (restart command, pid command) of the server from its backend;
-    None (or watchdog_enabled False) leaves the watchdog off."""
+    None (or watchdog_enabled False) leaves the watchdog off. `upstream`: the
+    first model's upstream when it is not this host's server (a front door only)."""
     name = public_name or data.get("proxy_public_name")
     argv = [python, script,
             "--host", str(data.get("proxy_host")),
             "--port", str(data.get("proxy_port")),
-            "--upstream", f"http://{data.get('server_host')}:{data.get('server_port')}"]
+            "--upstream", upstream or f"http://{data.get('server_host')}:{data.get('server_port')}"]
     if name:
         argv += ["--public-name", str(name)]
     if key_file:

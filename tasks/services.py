@@ -86,18 +86,42 @@ def proxy_key_file(p: RoutePaths) -> str | None:
     return key_path(p) if host.data.get("proxy_api_key") else None
 
 
+def front_door_only() -> bool:
+    """This host runs only the proxy, in front of other hosts' (route_front_door_only)."""
+    return bool(host.data.get("route_front_door_only"))
+
+
+def remote_upstreams(p: RoutePaths, profiles: list[Served]) -> dict[str, list]:
+    """{public name: [(URL, key file on this host or None)]}: other hosts' proxies
+    serving each profile (route_replicas: by URL, then by inventory host)."""
+    out = {which.public_name: [(url, _resolve(p.home, key) if key else None)
+                               for url, key in which.replicas] for which in profiles}
+    for name, _, url, key_file in host_replicas(profiles):  # {"host": ...} (tasks/replicas.py)
+        out[name].append((url, key_file))
+    return out
+
+
 def proxy_service_argv(p: RoutePaths, prof: dict, server: Service | None = None,
                        servers: dict[str, Service] | None = None) -> list[str]:
     """The proxy's argv for this host (tasks/proxy_args.py builds it from data):
     model_profile's server as its upstream, every other served profile as a
-    --route, the aliases as --alias (tasks/profiles.py)."""
+    --route, the aliases as --alias (tasks/profiles.py), other hosts' servers of
+    a profile as --replica. A front door only has no server: each profile's first
+    other host is its upstream, the rest its replicas."""
+    profiles = served_profiles()
+    remote = remote_upstreams(p, profiles)
+    front = front_door_only()
+
+    def upstream(which: Served) -> str:
+        if front:
+            return remote[which.public_name][0][0]
+        return f"http://{host.data.server_host}:{which.port}"
+
     argv = proxy_argv(p.python, p.script(ARTIFACT), proxy_key_file(p), host.data,
                       public_name(prof), maintenance_file(p),
-                      watchdog_commands(server) if server else None)
-    profiles = served_profiles()
+                      watchdog_commands(server) if server else None, upstream(profiles[0]))
     for which in profiles[1:]:
-        route = {"name": which.public_name,
-                 "upstream": f"http://{host.data.server_host}:{which.port}"}
+        route = {"name": which.public_name, "upstream": upstream(which)}
         commands = watchdog_commands(servers[which.service]) if servers else None
         if commands:
             route.update(restart_command=commands[0], server_pid_command=commands[1])
@@ -106,15 +130,12 @@ def proxy_service_argv(p: RoutePaths, prof: dict, server: Service | None = None,
     for which in profiles:
         for alias in which.aliases:
             argv += ["--alias", f"{alias}={names[which.profile]}"]
-    for which in profiles:  # other hosts' servers of the profile (route_replicas)
-        for url, key_file in which.replicas:
-            argv += ["--replica", f"{which.public_name}={url}"]
+    for name, entries in remote.items():
+        for index, (url, key_file) in enumerate(entries):
+            if index or not front:
+                argv += ["--replica", f"{name}={url}"]
             if key_file:
-                argv += ["--upstream-key-file", f"{url}={_resolve(p.home, key_file)}"]
-    for name, _, url, key_file in host_replicas(profiles):  # {"host": ...} (tasks/replicas.py)
-        argv += ["--replica", f"{name}={url}"]
-        if key_file:
-            argv += ["--upstream-key-file", f"{url}={key_file}"]
+                argv += ["--upstream-key-file", f"{url}={key_file}"]
     return argv
 
 
@@ -231,6 +252,18 @@ def route_services() -> dict[str, Service]:
         log_keep=int(host.data.service_log_keep),
     )
     servers = dict(common, env=server_env(p))
+    profiles = served_profiles()
+    if front_door_only():  # the proxy alone, in front of other hosts (no server, no watchdog)
+        return {PROXY: Service(
+            name=PROXY,
+            label=f"{label}.{PROXY}",
+            description="OpenAI-compatible front door for "
+                        + ", ".join(which.profile for which in profiles) + " on other hosts",
+            argv=proxy_service_argv(p, prof),
+            stdout=posixpath.join(p.logs_dir, "proxy.out.log"),
+            stderr=posixpath.join(p.logs_dir, "proxy.err.log"),
+            **common,
+        )}
     server = Service(
         name=SERVER,
         label=f"{label}.{SERVER}",
@@ -242,7 +275,6 @@ def route_services() -> dict[str, Service]:
         port=int(host.data.server_port),
         **servers,
     )
-    profiles = served_profiles()
     extra = {}
     for which in profiles[1:]:
         extra[which.service] = Service(

@@ -54,6 +54,15 @@ def skip_on_a_rank_host(route: dict) -> None:
 
 
 @pytest.fixture(scope="module")
+def model_server(route):
+    """For the checks of this host's model server: skips them on a host that runs
+    only the front door (route_front_door_only: route.json's front_door_only)."""
+    if route.get("front_door_only"):
+        pytest.skip("this host runs only the front door (route_front_door_only): no model "
+                    "server, no weights, no GPU tuning here")
+
+
+@pytest.fixture(scope="module")
 def http(host, route):
     """curl run on the host, so loopback-only services are reachable."""
 

@@ -45,7 +45,7 @@ def boot_plist(route) -> str:
     return f"/Library/LaunchDaemons/{prefix}.host-tuning.plist"
 
 
-def test_gpu_wired_limit_is_applied_now_and_reapplied_at_boot(mac, route):
+def test_gpu_wired_limit_is_applied_now_and_reapplied_at_boot(mac, route, model_server):
     path = boot_plist(route)
     if not mac.file(path).exists:
         pytest.skip(f"{path} is absent: host_wired_limit_mb = 0 or host tuning is off")
@@ -58,7 +58,7 @@ def test_gpu_wired_limit_is_applied_now_and_reapplied_at_boot(mac, route):
     assert 0 < int(match.group(1)) < memsize_mb
 
 
-def test_mac_never_sleeps_and_restarts_after_a_power_loss(mac):
+def test_mac_never_sleeps_and_restarts_after_a_power_loss(mac, model_server):
     out = mac.run("pmset -g")
     assert out.rc == 0, out.stderr
     settings = dict(re.findall(r"^\s+(\w+)\s+(\S+)", out.stdout, re.M))
@@ -67,7 +67,9 @@ def test_mac_never_sleeps_and_restarts_after_a_power_loss(mac):
 
 
 @pytest.mark.parametrize("name", ["server", "proxy"])
-def test_service_plist_is_valid_and_owned_as_launchd_requires(mac, route, name):
+def test_service_plist_is_valid_and_owned_as_launchd_requires(mac, route, name, request):
+    if name == "server":
+        request.getfixturevalue("model_server")
     path = job_plist(mac, route, name)
     lint = mac.run(f"plutil -lint {shlex.quote(path)}")
     assert lint.rc == 0, lint.stdout + lint.stderr
@@ -94,9 +96,11 @@ def launcher_options(plist: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", ["server", "proxy"])
-def test_service_logs_are_bounded_by_the_launcher(mac, route, name):
+def test_service_logs_are_bounded_by_the_launcher(mac, route, name, request):
     """launchd opens no log for the service (it would never reopen it): the launcher
     writes it, each file under max-bytes, at most keep rotated copies."""
+    if name == "server":
+        request.getfixturevalue("model_server")
     plist = plist_json(mac, job_plist(mac, route, name))
     assert "StandardOutPath" not in plist and "StandardErrorPath" not in plist
     options = launcher_options(plist)
@@ -119,7 +123,7 @@ def epoch_of_line(line: str) -> float:
     return datetime.strptime(line.split()[1], "%Y-%m-%dT%H:%M:%S%z").timestamp()
 
 
-def test_server_started_after_the_gpu_wired_limit_was_in_force(mac, route):
+def test_server_started_after_the_gpu_wired_limit_was_in_force(mac, route, model_server):
     """Boot order (issue 16): the host-tuning daemon writes when it applied the limit
     ('host tuning applied at <epoch>'); the server's launcher writes when it saw it in
     force and started the server. Compared for this boot; skipped until the Mac has

@@ -59,7 +59,7 @@ def supervised_by_ps(host, route, name: str) -> tuple[bool, str]:
     return ok, f"supervisord {parent[:1]}, {name}: {children}"
 
 
-def test_server_listens_on_loopback_only(host, route):
+def test_server_listens_on_loopback_only(host, route, model_server):
     addresses = listening(host, route["server"]["port"])
     assert addresses, f"nothing listens on the server port {route['server']['port']}"
     assert addresses <= {"127.0.0.1", "[::1]", "localhost"}, (
@@ -78,7 +78,7 @@ def test_proxy_listens_where_data_says(host, route):
 
 
 @pytest.mark.rank_host
-def test_every_shard_of_the_index_is_present(host, route):
+def test_every_shard_of_the_index_is_present(host, route, model_server):
     index = host.file(posixpath.join(route["model_dir"], "model.safetensors.index.json"))
     assert index.exists, f"{index.path} is missing: the weights are incomplete"
     shards = sorted(set(json.loads(index.content_string)["weight_map"].values()))
@@ -103,7 +103,7 @@ def service_running(host, route, name: str) -> tuple[bool, str]:
     return bool(re.search(running, out.stdout, re.M)), out.stdout[:500]
 
 
-def test_server_runs_under_its_service_manager(host, route):
+def test_server_runs_under_its_service_manager(host, route, model_server):
     ok, status = service_running(host, route, "server")
     assert ok, f"the server is not running under {route['backend']}: {status}"
 
@@ -195,7 +195,7 @@ def test_chat_through_the_proxy_answers_and_normalizes_the_model(http, route):
     assert smoke["expect"] in content, f"expected {smoke['expect']!r} in {content!r}"
 
 
-def test_every_served_profile_runs_and_answers_by_each_of_its_names(host, http, route):
+def test_every_served_profile_runs_and_answers_by_each_of_its_names(host, http, route, model_server):
     served = route.get("served") or []
     if len(served) < 2:
         pytest.skip("one profile (route_profiles None): the chat test above covers it")
@@ -239,9 +239,9 @@ def test_route_files_belong_to_the_route_user(host, route):
     owner = route.get("user")
     assert owner, "route.json names no user: deploy again"
     release = host.run(f"readlink -f {shlex.quote(route['venv'])}").stdout.strip()
-    for path in (route["venv"], release, posixpath.join(release, "pyvenv.cfg"),
-                 route["model_dir"], route["route_home"],
-                 posixpath.join(route["route_home"], "route.json")):
+    weights = [] if route.get("front_door_only") else [route["model_dir"]]
+    for path in (route["venv"], release, posixpath.join(release, "pyvenv.cfg"), *weights,
+                 route["route_home"], posixpath.join(route["route_home"], "route.json")):
         f = host.file(path)
         assert f.exists, f"{path} is missing"
         assert f.user == owner, f"{path} belongs to {f.user}, not to route_user {owner}"

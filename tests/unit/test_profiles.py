@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import plistlib
+import posixpath
 import re
 import runpy
 import shutil
@@ -254,3 +255,48 @@ def test_a_replica_host_not_in_the_inventory_is_refused_before_anything_changes(
     assert ("route_replicas['glm-5.2-mxfp4'] names host 'studio-9', which is not in the "
             "inventory (other hosts: none); add it to the inventory") in plan.output
     assert not plan.uploads
+
+
+def test_the_mac_plan_for_a_front_door_only_runs_the_proxy_alone(tmp_path):
+    """route_front_door_only on the fake Mac (no Mac here; tests/fixtures/fake_mac.py):
+    the proxy in front of two other Macs, each with its key on this one; no
+    server, no weights, no GPU tuning, no watchdog; route.json says so."""
+    plan = run_plan(tmp_path, None, "route_front_door_only=True",
+                    'route_replicas={"glm-5.2-mxfp4": ['
+                    '{"url": "http://studio1.local:8026", "key_file": "~/.config/mlx-route/s1.key"}, '
+                    '{"url": "http://studio2.local:8026", "key_file": "~/.config/mlx-route/s2.key"}]}',
+                    'route_aliases={"openai/glm52": "glm-5.2-mxfp4"}',
+                    'proxy_host="0.0.0.0"', "proxy_api_key=True")
+    assert plan.code == 0, plan.output[-3000:]
+    proxy = plistlib.loads(plan.uploads[f"{DAEMONS}/org.mlxroute.proxy.plist"].encode())
+    argv = proxy["ProgramArguments"]
+    assert flag_values(argv, "--upstream") == ["http://studio1.local:8026"]
+    assert flag_values(argv, "--replica") == ["glm-5.2=http://studio2.local:8026"]
+    assert flag_values(argv, "--upstream-key-file") == [
+        "http://studio1.local:8026=/Users/milo/.config/mlx-route/s1.key",
+        "http://studio2.local:8026=/Users/milo/.config/mlx-route/s2.key"]
+    assert flag_values(argv, "--alias") == ["openai/glm52=glm-5.2"]
+    assert "--restart-command" not in argv  # no server here for a watchdog to restart
+    # nothing of a model server: no definition, no switch, no weights, no GPU limit, no sudoers
+    assert not [dest for dest in plan.uploads if "server" in posixpath.basename(dest)]
+    assert not plan.matching(r"routectl\.py switch |check_weights|iogpu\.wired_limit_mb=")
+    assert "/etc/sudoers.d/org-mlxroute-watchdog" not in plan.uploads
+    # the proxy's release is made current here (no server switch does it)
+    assert plan.matching(r"^ln -sfn releases/\w+ /Users/milo/venvs/mlx-route/current$")
+    manifest = json.loads(plan.uploads[f"{ROUTE}/route.json"])
+    assert manifest["front_door_only"] is True and manifest["server_pid_command"] is None
+    assert list(manifest["services"]) == ["proxy"]
+    assert [(s["profile"], s["port"], s["service"]) for s in manifest["served"]] == [
+        ("glm-5.2-mxfp4", None, "")]
+
+
+@pytest.mark.parametrize("more, words", [
+    ({"route_replicas": {}}, "needs route_replicas to list model_profile 'glm-5.2-mxfp4'"),
+    ({"route_replicas": {"glm-5.2-mxfp4": []}}, "is empty: a front door only needs"),
+    ({"route_replicas": {"glm-5.2-mxfp4": [{"url": "http://s1:8026"}]},
+      "route_profiles": {"glm-5.2-mxfp4": 8025}}, "set route_profiles = None"),
+])
+def test_bad_front_door_data_is_refused_with_what_to_fix(more, words):
+    with pytest.raises(RouteError, match="studio: ") as refused:
+        served(data(route_front_door_only=True, **more), "studio")
+    assert words in str(refused.value)
