@@ -96,7 +96,7 @@ def endpoint(manifest: dict, via: str) -> tuple[str, str | None]:
     if via == "server":
         return f"http://127.0.0.1:{manifest['server']['port']}", None
     key = None
-    key_file = manifest["proxy"].get("key_file")
+    key_file = manifest["proxy"].get("client_key_file") or manifest["proxy"].get("key_file")
     if key_file:
         with open(key_file) as f:
             key = f.read().strip()

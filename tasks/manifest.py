@@ -16,8 +16,9 @@ from tasks.common import RouteError, paths, profile
 from tasks.host_facts import filevault
 from tasks.service_spec import SERVER
 from tasks.proxy_args import local_address
-from tasks.services import (host_cluster, public_name, proxy_key_file, route_services,
-                            server_blas, served_profiles)
+from tasks.proxy_key import client_key_path
+from tasks.services import (host_cluster, public_name, proxy_key_file, remote_upstreams,
+                            route_services, server_blas, served_profiles)
 from tasks.workload import manifest_part as workload_manifest
 
 SIZES = ("needle_tokens", "cache_tokens", "integers", "prose_words", "timeout_s")
@@ -104,6 +105,9 @@ def manifest() -> dict:
                     "service": s.service, "port": s.port,
                     "smoke": host.data.model_profiles[s.profile]["smoke"]}
                    for s in served_profiles()],
+        # other hosts' proxies the proxy spreads a model over (route_replicas)
+        "replicas": {name: [url for url, _ in entries]
+                     for name, entries in remote_upstreams(p, served_profiles()).items() if entries},
         "proxy": {
             "host": host.data.proxy_host,
             "port": host.data.proxy_port,
@@ -111,6 +115,8 @@ def manifest() -> dict:
             # is every address (then loopback)
             "address": local_address(str(host.data.proxy_host)),
             "key_file": proxy_key_file(p),
+            # what a client connecting as the SSH user reads (tasks/proxy_key.py)
+            "client_key_file": client_key_path(p),
         },
         "backend": backend.name,
         **backend.manifest_extras(),

@@ -6,6 +6,12 @@ its log, or the workstation. Clients read it on the host:
 `cat ~/.local/share/mlx-route/proxy.key` (route_home/proxy.key), or through
 `ssh host cat ...`. The proxy reads it when it starts, so a new key needs a
 proxy restart: tasks/proxy.py restarts it when proxy_rotate_key is set.
+
+When the route belongs to another user than the SSH user (route_user), that
+key is route_user's alone; the SSH user (an admin, who may sudo anyway) gets
+its own copy, mode 0600, in its ~/.local/share/mlx-route/proxy.key, copied on
+the host by root (never printed), so clients and the host suite that connect
+as the SSH user can use the proxy. route.json's proxy.client_key_file names it.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.files import File
+from pyinfra.facts.files import File, Sha256File
+from pyinfra.facts.server import Home
 from pyinfra.operations import files, server
 
-from tasks.as_user import route_user_args
+from tasks.as_user import as_root, other_route_user, route_user_args
 from tasks.common import RoutePaths, paths
 
 KEY_NAME = "proxy.key"
@@ -29,6 +36,34 @@ GENERATE = "import secrets; print(secrets.token_urlsafe(32))"
 def key_path(p: RoutePaths) -> str:
     """Where the proxy's key lives on the host (whether or not one is required)."""
     return posixpath.join(p.route_home, KEY_NAME)
+
+
+def client_key_path(p: RoutePaths) -> str | None:
+    """The key file a client connecting as the SSH user reads: the SSH user's copy
+    when the route is another user's, else the key itself; None: no key."""
+    if not host.data.get("proxy_api_key"):
+        return None
+    if not other_route_user():
+        return key_path(p)
+    home = host.get_fact(Home, user=host.data.get("ssh_user"))
+    return posixpath.join(home, ".local", "share", "mlx-route", KEY_NAME)
+
+
+def share_with_ssh_user(p: RoutePaths, key: str, rotate: bool) -> None:
+    """The SSH user's copy of route_user's key (0600), made or refreshed by root on the host."""
+    copy = client_key_path(p)
+    theirs = host.get_fact(Sha256File, path=key, **route_user_args())
+    mine = host.get_fact(Sha256File, path=copy, _sudo=False, _sudo_user=None)
+    if theirs and theirs == mine and not rotate:
+        return
+    q = shlex.quote
+    files.directory(name="The SSH user's folder for its copy of the proxy API key",
+                    path=posixpath.dirname(copy), present=True, mode="700",
+                    _sudo=False, _sudo_user=None)
+    server.shell(
+        name="Give the SSH user its copy of the proxy API key (mode 0600, not printed)",
+        commands=[f"install -m 600 -o {q(host.data.get('ssh_user'))} {q(key)} {q(copy)}"],
+        **as_root())
 
 
 @deploy("Create the proxy API key")
@@ -46,6 +81,8 @@ def ensure_proxy_key() -> None:
         if existing["mode"] != 600:
             files.file(name="Keep the proxy API key private (mode 0600)", path=key, mode="600",
                        **as_user)
+        if other_route_user():
+            share_with_ssh_user(p, key, rotate)
         return
     q = shlex.quote
     tmp = key + ".new"
@@ -58,3 +95,5 @@ def ensure_proxy_key() -> None:
         name="Rotate the proxy API key (on the host, not printed)" if existing
         else "Generate the proxy API key (on the host, not printed)",
         commands=[command], **as_user)
+    if other_route_user():
+        share_with_ssh_user(p, key, rotate)

@@ -20,6 +20,11 @@ import shlex
 import pytest
 
 
+def client_key_file(route: dict) -> str | None:
+    """The proxy key the SSH user may read (its own copy when the route is route_user's)."""
+    return route["proxy"].get("client_key_file") or route["proxy"]["key_file"]
+
+
 def proxy_address(route: dict) -> str:
     """Where the host reaches its proxy (route.json; loopback before it said)."""
     return route["proxy"].get("address", "127.0.0.1")
@@ -69,7 +74,7 @@ def http(host, route):
     def call(method: str, port: int, path: str, body: dict | None = None, key: bool = True,
              timeout: int = 300) -> tuple[int, str]:
         auth = ""
-        key_file = route["proxy"]["key_file"]
+        key_file = client_key_file(route)
         if key and key_file and port == route["proxy"]["port"]:
             # the key is read on the host and never leaves it in a log
             auth = f'-H "Authorization: Bearer $(cat {shlex.quote(key_file)})" '

@@ -38,7 +38,7 @@ def gates(route):
 
 
 def curl_auth(route) -> str:
-    key_file = route["proxy"]["key_file"]
+    key_file = route["proxy"].get("client_key_file") or route["proxy"]["key_file"]
     # the key is read on the host and never leaves it in a log
     return f'-H "Authorization: Bearer $(cat {shlex.quote(key_file)})" ' if key_file else ""
 
@@ -176,13 +176,16 @@ def test_replies_are_clean_and_normalized_every_time(host, route, gates, record_
     assert shapes == [shapes[0]] * 3, f"the reply's shape changed between repeats: {shapes}"
 
 
-def test_cached_follow_up_costs_a_fraction_of_the_cold_prefill(host, gates, request,
-                                                               record_property):
+def test_cached_follow_up_costs_a_fraction_of_the_cold_prefill(host, route, gates, request,
+                                                               model_server, record_property):
+    """The server's prompt cache. With replicas on other hosts (route_replicas) the
+    proxy may send the follow-up to another replica than the cold request, so this
+    host's server is measured directly there."""
     from tools.route_report import run_probes
 
     manifest = request.config.getoption("--route-manifest")
-    data = run_probes(host, manifest, only="cache",
-                      sizes={"cache_tokens": gates["cache_prompt_tokens"]})
+    data = run_probes(host, manifest, only="cache", via="server" if route.get("replicas")
+                      else "proxy", sizes={"cache_tokens": gates["cache_prompt_tokens"]})
     cache = data["prefix_cache"]
     record_property("prefix_cache", cache)
     print(f"prefix cache: cold {cache['cold_ttft_s']:.2f} s for {cache['cold_prompt_tokens']} "

@@ -67,6 +67,7 @@ def key(route, lan_host, ssh_config, lan_proxy) -> str | None:
     """The proxy key, read over SSH as a user would (never printed)."""
     if not lan_proxy or not route["proxy"]["key_file"]:
         return None
-    text = over_ssh(ssh_config, lan_host, f"cat {shlex.quote(route['proxy']['key_file'])}").strip()
+    path = route["proxy"].get("client_key_file") or route["proxy"]["key_file"]
+    text = over_ssh(ssh_config, lan_host, f"cat {shlex.quote(path)}").strip()
     assert text, "the key file is empty"
     return text
