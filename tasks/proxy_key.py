@@ -22,11 +22,11 @@ import shlex
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.files import File, Sha256File
-from pyinfra.facts.server import Home
+from pyinfra.facts.server import Home, User
 from pyinfra.operations import files, server
 
 from tasks.as_user import as_root, other_route_user, route_user_args
-from tasks.common import RoutePaths, paths
+from tasks.common import RouteError, RoutePaths, paths
 
 KEY_NAME = "proxy.key"
 # 32 random bytes, URL-safe: fits an HTTP header with no escaping.
@@ -45,13 +45,19 @@ def client_key_path(p: RoutePaths) -> str | None:
         return None
     if not other_route_user():
         return key_path(p)
-    home = host.get_fact(Home, user=host.data.get("ssh_user"))
+    home = host.get_fact(Home, _sudo=False, _sudo_user=None)  # the SSH user's
     return posixpath.join(home, ".local", "share", "mlx-route", KEY_NAME)
 
 
 def share_with_ssh_user(p: RoutePaths, key: str, rotate: bool) -> None:
     """The SSH user's copy of route_user's key (0600), made or refreshed by root on the host."""
     copy = client_key_path(p)
+    user = host.get_fact(User, _sudo=False, _sudo_user=None)
+    if copy == key:  # one home for both users: the key is where the SSH user looks
+        return
+    if not user:
+        raise RouteError(f"{host.name}: cannot tell which user pyinfra connects as "
+                         "(`echo $USER` printed nothing): set ssh_user in the inventory")
     theirs = host.get_fact(Sha256File, path=key, **route_user_args())
     mine = host.get_fact(Sha256File, path=copy, _sudo=False, _sudo_user=None)
     if theirs and theirs == mine and not rotate:
@@ -62,7 +68,7 @@ def share_with_ssh_user(p: RoutePaths, key: str, rotate: bool) -> None:
                     _sudo=False, _sudo_user=None)
     server.shell(
         name="Give the SSH user its copy of the proxy API key (mode 0600, not printed)",
-        commands=[f"install -m 600 -o {q(host.data.get('ssh_user'))} {q(key)} {q(copy)}"],
+        commands=[f"install -m 600 -o {q(user)} {q(key)} {q(copy)}"],
         **as_root())
 
 

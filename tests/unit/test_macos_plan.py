@@ -559,6 +559,25 @@ def test_route_user_other_than_the_ssh_user_is_planned_without_setfacl(tmp_path)
     assert switch in plan.sudo and switch not in plan.sudo_user  # launchctl for the system domain
 
 
+def test_route_user_key_gets_a_copy_the_ssh_user_can_read(tmp_path):
+    """route_user "ada" with a key: the key is ada's (0600); milo, the SSH user the
+    host suite and clients connect as, gets its own 0600 copy, made by root on
+    the Mac (never through the workstation); route.json names it."""
+    plan = run_plan(tmp_path, {"responses": [["re:^echo ~ada$", "/Users/ada"]]},
+                    "route_user=ada", "proxy_api_key=True", 'proxy_host="0.0.0.0"')
+    assert plan.code == 0, plan.output[-4000:]
+    copy = "/Users/milo/.local/share/mlx-route/proxy.key"
+    (install,) = plan.matching(
+        rf"^install -m 600 -o milo /Users/ada/\S+/proxy\.key {re.escape(copy)}$")
+    assert install in plan.sudo and install not in plan.sudo_user  # root, not ada
+    assert not [dest for dest in plan.uploads if dest.endswith("proxy.key")]  # made on the host
+    # route.json is staged in /tmp and installed as ada (tasks/as_user.py)
+    (manifest,) = [json.loads(text) for dest, text in plan.uploads.items()
+                   if dest.startswith("/tmp/mlx-route-") and '"client_key_file"' in text]
+    assert manifest["proxy"]["client_key_file"] == copy
+    assert manifest["proxy"]["key_file"] != copy
+
+
 # --------------------------------------------------------------------------
 # Two Macs, one model (tasks/cluster.py): inventories/fake_mac.py with
 # MLXROUTE_FAKE_MAC_CLUSTER=ring|jaccl plans two fresh Mac Studios over Thunderbolt
