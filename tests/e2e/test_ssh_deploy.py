@@ -331,16 +331,28 @@ def test_the_deploy_copied_the_replica_hosts_key_to_the_front_door(hosts, first_
     assert copy.stat().st_mode & 0o777 == 0o600 and copy.parent.stat().st_mode & 0o777 == 0o700
     assert copy.owner() == a.name
     assert theirs not in first_run
+    # B's route is route_user's: B's SSH user (the host suite, clients) has its own copy
+    mine = b.home / ".local/share/mlx-route/proxy.key"
+    assert mine.read_text().strip() == theirs and mine.owner() == b.name
+    assert mine.stat().st_mode & 0o777 == 0o600
     # A's proxy runs with B as a replica of the profile, reached on the bridge
     argv = Path(f"/proc/{front_door_pid(a)}/cmdline").read_bytes().decode().split("\0")
     assert f"http://{b.bridge_address}:8026" in " ".join(argv), argv
     assert f"http://{b.bridge_address}:8026={copy}" in argv
 
 
+def argv_of(pid) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:  # ended meanwhile
+        return []
+
+
 def front_door_pid(a) -> int:
-    pids = subprocess.run(["pgrep", "-u", a.name, "-f", "mlx_route_proxy|proxy.pyz"],
+    """A's proxy (python proxy.pyz ...; not its launcher's log writer)."""
+    pids = subprocess.run(["pgrep", "-u", a.name, "-f", "proxy.pyz"],
                           capture_output=True, text=True).stdout.split()
-    (pid,) = [int(p) for p in pids if "--replica" in Path(f"/proc/{p}/cmdline").read_text()]
+    (pid,) = [int(p) for p in pids if argv_of(p)[1:2] and argv_of(p)[1].endswith("proxy.pyz")]
     return pid
 
 
@@ -361,9 +373,7 @@ def b_servers(b) -> list[int]:
     """B's mlx_lm.server processes (its route_user's)."""
     out = subprocess.run(["pgrep", "-u", b.route_user, "-f", "mlx_lm.server"],
                          capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in out
-            if "mlx_lm.server" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(
-                errors="replace").split("\0")[:3]]
+    return [int(pid) for pid in out if "mlx_lm.server" in argv_of(pid)[:3]]
 
 
 def test_front_door_rides_out_a_replica_killed_and_brought_back(hosts, first_run):
@@ -387,13 +397,15 @@ def test_front_door_rides_out_a_replica_killed_and_brought_back(hosts, first_run
     time.sleep(1)
     killed_at = time.monotonic()
     subprocess.run(["kill", "-KILL", str(victim)], check=True)
-    # B's service manager restarts it (service_restart_delay_s), then A's probe of B passes
+    # B's service manager restarts it (service_restart_delay_s), B's proxy finds it
+    # ready (its /health, asked on the bridge from A), then A's probe of B passes
     deadline = time.monotonic() + 180
     back = None
     while time.monotonic() < deadline:
         servers = b_servers(b)
-        if servers and servers != [victim] and re.search(
-                rf'proxy_replica_ready\{{[^}}]*{re.escape(b.bridge_address)}[^}}]*\}} 1', metrics(url, key)):
+        if servers and servers != [victim] and b_health(a, b) == "200" and re.search(
+                rf'proxy_replica_ready\{{[^}}]*{re.escape(b.bridge_address)}[^}}]*\}} 1',
+                metrics(url, key)):
             back = time.monotonic() - killed_at
             break
         time.sleep(1)
@@ -410,6 +422,14 @@ def test_front_door_rides_out_a_replica_killed_and_brought_back(hosts, first_run
     assert any(b.bridge_address in up and n >= 1 for up, n in gained.items()), gained
     print(f"replica killed: {len(answers)} answers {dict(sorted(Counter(statuses).items()))}, "
           f"B ready again after {back:.0f} s, then {gained}")
+
+
+def b_health(a, b) -> str:
+    """B's proxy /health status as A sees it over the bridge (curl in A's namespace)."""
+    return subprocess.run(
+        ["ip", "netns", "exec", a.name, "curl", "-s", "-o", "/dev/null", "-m", "10", "-w",
+         "%{http_code}", f"http://{b.bridge_address}:8026/health"],
+        capture_output=True, text=True, timeout=30).stdout.strip()
 
 
 def metrics(url: str, key: str) -> str:
