@@ -158,7 +158,8 @@ def test_route_user_host_without_its_sudo_password_is_refused(hosts, first_run, 
     and fails on B (pyinfra finds no password and cannot ask: no terminal)."""
     (_, b), inventory = hosts[:2]
     text = Path(inventory).read_text()
-    line = next(line for line in text.splitlines() if repr(b.address) in line)
+    line = next(line for line in text.splitlines()
+                if line.lstrip().startswith(f"({b.address!r}, "))
     assert f"'_sudo_password': {b.sudo_password!r}, " in line
     alone = tmp_path / "inventory_no_password.py"
     alone.write_text("ssh_hosts = [\n" + line.replace(
