@@ -200,18 +200,18 @@ def test_the_cluster_deploys_over_ssh_and_the_host_suite_passes_on_both_hosts(cl
     suites = [line for line in log.splitlines() if "passed" in line and " in " in line]
     assert len(suites) >= 2 and not any("failed" in line for line in suites), suites
     # each host's suite over SSH: the route checks (verify_gates False: no trust gates)
-    cases = {host: suite_cases(host) for host in (cluster.a, cluster.b)}
-    assert cases[cluster.a]["test_chat_through_the_proxy_answers_and_normalizes_the_model"] \
-        == [], cases[cluster.a]
-    assert not any(name.startswith("test_model_calls") for name in cases[cluster.a])
+    cases = {host.name: suite_cases(host) for host in (cluster.a, cluster.b)}
+    assert cases[cluster.a.name]["test_chat_through_the_proxy_answers_and_normalizes_the_model"] \
+        == [], cases[cluster.a.name]
+    assert not any(name.startswith("test_model_calls") for name in cases[cluster.a.name])
     # B: its rank, its weights and its files checked; the HTTP side skipped there
-    passed = {name for name, tags in cases[cluster.b].items() if not tags}
+    passed = {name for name, tags in cases[cluster.b.name].items() if not tags}
     assert {"test_every_cluster_rank_runs_under_its_service_manager",
             "test_every_shard_of_the_index_is_present",
             "test_route_files_belong_to_the_route_user"} <= passed <= {
         "test_every_cluster_rank_runs_under_its_service_manager",
         "test_every_shard_of_the_index_is_present", "test_route_files_belong_to_the_route_user",
-        "test_every_model_server_runs_with_the_blas_data_asks_for"}, cases[cluster.b]
+        "test_every_model_server_runs_with_the_blas_data_asks_for"}, cases[cluster.b.name]
     # B runs rank 2 only, as route_user, and says so in its route.json
     assert cluster.route_b["cluster"]["local_ranks"] == [2]
     assert not cluster.route_b["cluster"]["serves_http"]
