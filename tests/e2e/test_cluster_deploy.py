@@ -189,8 +189,9 @@ def generate(url: str, key: str | None, text: str, max_tokens: int = 16) -> tupl
 def suite_cases(host) -> dict[str, list[str]]:
     """The deploy's host-suite report of a host: test -> [failure/error/skipped tags]."""
     report = REPO / "reports" / f"host-suite-{host.address.replace('.', '_')}.xml"
-    return {case.get("name"): [child.tag for child in case]
-            for case in ElementTree.parse(report).iter("testcase")}
+    return {case.get("name").split("[")[0]: [child.tag for child in case]  # no [ssh://...]
+            for case in ElementTree.parse(report).iter("testcase")
+            if "[" not in case.get("name") or case.get("name").endswith(f"{host.address}]")}
 
 
 def test_the_cluster_deploys_over_ssh_and_the_host_suite_passes_on_both_hosts(cluster):
