@@ -150,7 +150,7 @@ def post(url: str, body: dict, key: str | None, timeout: float = 300):
         return err.code, dict(err.headers), err.read()
 
 
-def generate(url: str, key: str | None, text: str, max_tokens: int = 16) -> tuple[str, dict]:
+def generate(url: str, key: str | None, text: str, max_tokens: int = 8) -> tuple[str, dict]:
     """At temperature 0, streamed: the answer, and its rates (prefill = uncached
     prompt tokens / time to the first token, decode = the rest)."""
     headers = {"Content-Type": "application/json"}
@@ -230,15 +230,24 @@ def test_the_cluster_deploys_over_ssh_and_the_host_suite_passes_on_both_hosts(cl
           f"{cluster.deploy_s:.0f} s")
 
 
+def blas_env(pid: int) -> dict[str, str]:
+    """The BLAS settings a deployed rank runs with (server_blas_*: LD_PRELOAD,
+    OPENBLAS_NUM_THREADS), read from its own process: one rank gets the same."""
+    env = dict(item.split("=", 1) for item in
+               Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item)
+    return {k: v for k, v in env.items() if k in ("LD_PRELOAD", "OPENBLAS_NUM_THREADS")}
+
+
 def test_the_ranks_answer_as_one_server_does(cluster, tmp_path):
     python = str(Path(cluster.route_a["venv"]) / "bin" / "python")
     model = cluster.route_a["model_dir"]
     port = free_port()
     log = (tmp_path / "single.log").open("w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **blas_env(cluster.pids()["server"])}
     single = subprocess.Popen(
         [python, "-m", "mlx_lm.server", "--model", model, "--host", "127.0.0.1", "--port",
          str(port), "--temp", "0.0", "--max-tokens", "256"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -258,15 +267,15 @@ def test_the_ranks_answer_as_one_server_does(cluster, tmp_path):
     finally:
         single.terminate()
         single.wait(30)
-    print(f"\nsame prompt, 1 rank vs {RANKS} ranks on 2 hosts (tensor, ring): "
-          + json.dumps(measured))
+    print(f"\nsame prompt, 1 rank vs {RANKS} ranks on 2 hosts (tensor, ring; BLAS "
+          f"{env.get('LD_PRELOAD', 'of the mlx wheel')}): " + json.dumps(measured))
 
     # the logits themselves: the same three ranks, in the same namespaces, by hand
     script = tmp_path / "logits.py"
     script.write_text(LOGITS)
     out_one, out_many = tmp_path / "one", tmp_path / "many"
     one = subprocess.run([python, str(script), model, json.dumps(PROMPTS), str(out_one)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     ring = tmp_path / "ring.json"
     ring.write_text(json.dumps([[f"{cluster.ips[0]}:{RING_PORT + 100}"],
@@ -277,7 +286,7 @@ def test_the_ranks_answer_as_one_server_does(cluster, tmp_path):
         ranks.append(subprocess.Popen(
             ["ip", "netns", "exec", host.name, python, str(script), model, json.dumps(PROMPTS),
              str(out_many)],
-            env={**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(ring)},
+            env={**env, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(ring)},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
     for process in ranks:
