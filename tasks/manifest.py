@@ -53,47 +53,50 @@ def cluster_part() -> dict | None:
             "local_ranks": local, "serves_http": 0 in local}
 
 
-def ranks_manifest(cluster: dict) -> dict:
-    """A cluster host without rank 0: its ranks, their services and files (no
-    HTTP side: no proxy, no server port; the host suite checks what is here)."""
-    p = paths()
-    prof = profile()
-    backend = select_backend()
-    services = route_services()
+def host_part(cluster: dict | None, p, prof: dict, backend, services: dict) -> dict:
+    """What every route.json says of its host, a rank-only cluster host's included:
+    the model's files, the cluster part, and the services as the backend runs them."""
     return {
+        "cluster": cluster,
         "profile": host.data.model_profile,
         "model_dir": p.model_dir,
         "shards": prof["shards"],
-        "cluster": cluster,
         "backend": backend.name,
         **backend.manifest_extras(),
+        # who owns the route, and what its services run: how the host suite checks
+        # them when it connects as another user (ownership, processes)
         "user": p.user,
         "service_definitions": {name: backend.definition_path(svc)
                                 for name, svc in services.items()},
+        # [command, regex]: the service runs when the command's output matches
         "service_running": {name: list(backend.running_check(svc))
                             for name, svc in services.items()},
         "services": {name: svc.label for name, svc in services.items()},
+        # Linux: the BLAS the model servers preload (server_blas_library): the host
+        # suite finds `mapped` in each one's /proc/<pid>/maps; mapped None: the
+        # library is missing (the deploy warned) or not asked for, or macOS
         "server_blas": blas_manifest(backend, services),
         "venv": p.venv,
         "route_home": p.route_home,
+        # macOS: `fdesetup status` at deploy time ({"on", "status"}); None elsewhere
         "filevault": filevault(),
     }
 
 
 def manifest() -> dict:
-    """What the host suite needs to know about the route, as deployed."""
+    """What the host suite needs to know about the route, as deployed. A cluster host
+    without rank 0 gets only its host part: its ranks, their services and files (no
+    HTTP side: no proxy, no server port; the host suite checks what is here)."""
     cluster = cluster_part()
-    if cluster is not None and not cluster["serves_http"]:
-        return ranks_manifest(cluster)
     p = paths()
     prof = profile()
     backend = select_backend()
     services = route_services()
+    part = host_part(cluster, p, prof, backend, services)
+    if cluster is not None and not cluster["serves_http"]:
+        return part
     return {
-        "cluster": cluster,
-        "profile": host.data.model_profile,
-        "model_dir": p.model_dir,
-        "shards": prof["shards"],
+        **part,
         "public_name": public_name(prof),
         "smoke": prof["smoke"],
         "gates": prof.get("gates", {}),
@@ -118,30 +121,11 @@ def manifest() -> dict:
             # what a client connecting as the SSH user reads (tasks/proxy_key.py)
             "client_key_file": client_key_path(p),
         },
-        "backend": backend.name,
-        **backend.manifest_extras(),
-        # who owns the route, and what its services run: how the host suite checks
-        # them when it connects as another user (ownership, processes)
-        "user": p.user,
-        "service_definitions": {name: backend.definition_path(svc)
-                                for name, svc in services.items()},
-        # [command, regex]: the service runs when the command's output matches
-        "service_running": {name: list(backend.running_check(svc))
-                            for name, svc in services.items()},
         # prints the server's pid (the probes' memory readings)
         "server_pid_command": (backend.watchdog_pid_command(services[SERVER])
                                if SERVER in services else None),
         # route_front_door_only: no model server here; the host suite checks the proxy only
         "front_door_only": SERVER not in services,
-        "services": {name: svc.label for name, svc in services.items()},
-        # Linux: the BLAS the model servers preload (server_blas_library): the host
-        # suite finds `mapped` in each one's /proc/<pid>/maps; mapped None: the
-        # library is missing (the deploy warned) or not asked for, or macOS
-        "server_blas": blas_manifest(backend, services),
-        "venv": p.venv,
-        "route_home": p.route_home,
-        # macOS: `fdesetup status` at deploy time ({"on", "status"}); None elsewhere
-        "filevault": filevault(),
         # workload_enabled: tb-route, the runs, Hermes and its provider (tasks/workload.py)
         "workload": workload_manifest(),
     }
