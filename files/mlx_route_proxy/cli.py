@@ -262,30 +262,40 @@ def quiet_handle_error(self, request, status=500, exc=None, message=None):
 
 async def serve(args: argparse.Namespace, key: bytes | None) -> int:
     web_protocol.RequestHandler.handle_error = quiet_handle_error
-    app = build_app(args, key)
+    front = build_app(args, key)
+    loop = asyncio.get_running_loop()
+
+    def make_request(message, payload, protocol, writer, task):
+        # aiohttp's own limit turns a chunked body over the limit into a 413 too.
+        return web.BaseRequest(message, payload, protocol, writer, task, loop,
+                               client_max_size=args.max_body_bytes)
+
     # handler_cancellation: a client that disconnects cancels its handler at
     # once, which closes the upstream connection. keepalive_timeout also closes
     # a connection that has not sent complete headers in time (aiohttp arms it
     # at connection start), so slow clients hold only their own socket.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           keepalive_timeout=args.header_timeout_s, shutdown_timeout=5)
+    server = web.Server(front, request_factory=make_request, handler_cancellation=True,
+                        access_log=None, keepalive_timeout=args.header_timeout_s)
+    runner = web.ServerRunner(server, shutdown_timeout=5)
     await runner.setup()
+    await front.start()
     site = web.TCPSite(runner, args.host, args.port, backlog=1024)
     try:
         await site.start()
     except OSError as e:
         await runner.cleanup()
+        await front.stop()
         print(f"proxy: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
         return 1
     log.info("listening on http://%s:%d -> %s (key %s, concurrency %d, queue %d)", args.host,
              args.port, args.upstream, "required" if key else "off", args.concurrency, args.queue)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
     await runner.cleanup()
+    await front.stop()
     return 0
 
 

@@ -81,14 +81,13 @@ def label(path: str) -> str:
     return "other"
 
 
-def middleware(metrics: Metrics):
-    """Counts every answer by path and status; generations also by duration."""
+def middleware(metrics: Metrics, handler):
+    """`handler`, counting every answer by path and status; generations also by duration."""
     clock = time.monotonic
 
     timed_paths = frozenset(GENERATION_PATHS)
 
-    @web.middleware
-    async def count(request: web.Request, handler):
+    async def count(request: web.BaseRequest):
         path = request.path
         timed = path in timed_paths
         if not timed:
