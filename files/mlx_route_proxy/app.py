@@ -631,13 +631,18 @@ class Collector:
         if self.done or self.bad is not None:
             return False
         try:
-            if (piece.startswith(b"data: ") and piece.endswith(b"\n\n")
-                    and piece.find(b"\n") == len(piece) - 2 and b"\r" not in piece
-                    and not self.splitter.pending and not self.splitter.cr):
-                # one whole one-line event in one piece, the usual case: what the
-                # splitter and event_data would make of it
-                payloads = (piece[6:-2],)
-            else:
+            payloads = None
+            if (piece.endswith(b"\n\n") and b"\r" not in piece and not self.splitter.pending
+                    and not self.splitter.cr):
+                # whole one-line `data: ` events, the usual case: what the
+                # splitter and event_data would make of them
+                payloads = piece[:-2].split(b"\n\n")
+                for i, event in enumerate(payloads):
+                    if not event.startswith(b"data: ") or b"\n" in event:
+                        payloads = None
+                        break
+                    payloads[i] = event[6:]
+            if payloads is None:
                 payloads = [event_data(event) for event in self.splitter.feed(piece)]
             for payload in payloads:
                 if payload is None:

@@ -84,7 +84,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.extra = False            # bytes came after the answer: not reusable
         self.error: BaseException | None = None
         self.want = "head"            # what wakes the reader: head, some, all
-        self.listener = None          # called with each decoded piece (read_all)
+        self.listener = None          # called with the decoded body of each read (read_all)
+        self.shown = 0                # pieces of `body` the listener has seen
         self.enough = False           # the listener has what it needs: read_all returns
         self.settled = None           # called once the answer ends (Upstream.release_later)
         self.paused = False
@@ -143,7 +144,18 @@ class UpstreamConnection(asyncio.Protocol):
                 where = "its headers" if self.in_head else "its body"
                 self.fail(UpstreamError(f"upstream answer is not valid HTTP/1.x ({where}): {e}"))
                 return
+        if self.listener is not None and len(self.body) > self.shown:
+            self.show()
         self.wake()
+
+    def show(self) -> None:
+        """The listener gets the body pieces of this read at once (a chunked answer
+        is one piece per chunk: one call for all the events of one read)."""
+        body, shown = self.body, self.shown
+        self.shown = len(body)
+        piece = body[shown] if self.shown - shown == 1 else b"".join(body[shown:])
+        if self.listener(piece) and self.status == 200:
+            self.enough = True  # (an error answer is read to its end: it is the message)
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -194,8 +206,6 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.complete and body:
             self.body.append(body)
             self.body_size += len(body)
-            if self.listener is not None and self.listener(body) and self.status == 200:
-                self.enough = True  # (an error answer is read to its end: it is the message)
             if self.want == "some" and self.body_size > HIGH_WATER and not self.paused:
                 self.paused = True
                 self.transport.pause_reading()
@@ -258,7 +268,7 @@ class UpstreamConnection(asyncio.Protocol):
         return data
 
     async def read_all(self, on_body=None) -> bytes:
-        """The whole body, waking once; on_body sees each piece as it arrives.
+        """The whole body, waking once; on_body sees the body of each read as it arrives.
 
         When on_body returns true (it has what it needs: the `[DONE]` event) the
         wait ends before the upstream ends its message, and the caller hands the
@@ -266,10 +276,9 @@ class UpstreamConnection(asyncio.Protocol):
         upstream write sooner.
         """
         if on_body is not None:
-            for piece in self.body:
-                if on_body(piece) and self.status == 200:
-                    self.enough = True
-            self.listener = on_body
+            self.listener, self.shown = on_body, 0
+            if self.body:
+                self.show()
         try:
             while not self.complete and not self.enough:
                 if self.error is not None:
