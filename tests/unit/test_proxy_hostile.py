@@ -406,6 +406,33 @@ def test_a_nested_model_field_is_left_alone(raw_upstream, proxy_factory):
     assert [e["model"] for e in events] == ["glm-5.2"] * 2
 
 
+TWO_LINE = b'data: {"choices": [{"index": 0, "delta":\ndata:  {"content": "c"}}]}\n\n'
+NO_SPACE = b'data:{"choices": [{"index": 0, "delta": {"content": "d"}}]}\n\n'
+OTHER_LINES = b': keepalive\n\nevent: message\ndata: {"choices": [{"index": 0, "delta": {}}]}\n\n'
+
+
+@pytest.mark.parametrize("sep", [b"\n\n", b"\r\n\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("middle, text", [(b"", "abf"), (TWO_LINE, "abcf"),
+                                          (NO_SPACE, "abdf"), (OTHER_LINES, "abf"),
+                                          (TWO_LINE + NO_SPACE + OTHER_LINES, "abcdf")],
+                         ids=["one-line", "two-line", "no-space", "other-lines", "all"])
+def test_events_of_one_upstream_read_are_assembled_as_one_by_one(raw_upstream, proxy_factory,
+                                                                  middle, text, sep):
+    """All the events in one write (the assembler takes a read's events at once,
+    with a shortcut when they are all one-line `data: ` events): a two-line `data:`
+    event, `data:` without its space, a comment or an `event:` line among them
+    must give what they give one by one."""
+    body = chunk("a") + chunk("b") + middle + chunk("f", "stop") + b"data: [DONE]\n\n"
+    up = raw_upstream(lambda _: [SSE_HEAD, body.replace(b"\n\n", sep)])
+    p = start(proxy_factory, up.url, "--public-name", "glm-5.2")
+    r = post(p.url, {"messages": CHAT})
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert reply["model"] == "glm-5.2"
+    assert reply["choices"][0]["message"]["content"] == text, reply
+    assert reply["choices"][0]["finish_reason"] == "stop"
+
+
 # -- first byte --------------------------------------------------------------------------------
 
 
