@@ -33,6 +33,7 @@ MEASURES = {  # name: (path in proxy_bench.py's JSON, format)
     "direct req/s": (("throughput", "direct", "rps"), "{:.0f}"),
     "proxy req/s": (("throughput", "proxy", "rps"), "{:.0f}"),
     "proxy/direct": (("throughput", "ratio"), "x{:.3f}"),
+    "bound by CPU alone": (("throughput", "cpu_bound"), "x{:.3f}"),
     "CPU/req upstream direct": (("throughput", "direct", "cpu_us_per_request", "upstream"),
                                 "{:.0f} us"),
     "CPU/req upstream proxied": (("throughput", "proxy", "cpu_us_per_request", "upstream"),
