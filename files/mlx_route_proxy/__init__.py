@@ -3,11 +3,11 @@
     python proxy.pyz --host 0.0.0.0 --port 8026 --upstream http://127.0.0.1:8025 \
         --public-name glm-5.2 --api-key-file ~/.local/share/mlx-route/proxy.key
 
-Modules: cli (flags, logging, the server loop), app (handlers, the key check
-and readiness), admission (concurrency and queue; deadlines on one loop
-timer), upstream (the HTTP/1.1 client on httptools), sse (splitting, renaming
-and assembling events, strict JSON), metrics (Prometheus counters and their
-middleware).
+Modules: cli (flags, logging, the server loop on aiohttp's low-level server),
+app (the paths, handlers, the key check and readiness), admission
+(concurrency and queue; deadlines on one loop timer), upstream (the HTTP/1.1
+client on httptools), sse (splitting, renaming and assembling events, strict
+JSON), metrics (Prometheus counters and their middleware).
 
 What it does, and why (mlx-lm 0.32.2 behaviour, see mlx_lm/server.py):
 - Strips `model` (mlx_lm.server tries to load a model of that name and answers
