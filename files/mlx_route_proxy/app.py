@@ -49,7 +49,13 @@ DONE_GRACE_S = 0.5
 class UpstreamUnavailable(Exception):
     """The upstream cannot take requests now (refused, reset, dying, loading): the
     proxy answers 503. Raised from a failed connection (an OSError such as
-    `upstream.UpstreamError`) or a 5xx answer."""
+    `upstream.UpstreamError`) or a 5xx answer. `unreached`: the upstream said 503,
+    so no generation started there (another host's proxy whose server is down or
+    restarting) and another replica may take the request."""
+
+    def __init__(self, message: str, unreached: bool = False):
+        super().__init__(message)
+        self.unreached = unreached
 
 
 class StreamCut(ConnectionError):
@@ -326,7 +332,7 @@ class Proxy:
             self.metrics.upstream_error("first_byte_timeout")
             return await self.fail(request, 504, f"{e} (--first-byte-timeout-s)", "timeout")
         except UpstreamUnavailable as e:
-            if e.__cause__ is not None:  # no connection, or no answer at all
+            if e.__cause__ is not None or e.unreached:  # no connection, no answer, or a 503
                 request["unreached"] = True
             self.mark_down(str(e))
             return self.unavailable(str(e))
@@ -391,7 +397,8 @@ class Proxy:
             if conn.status >= 500 or b"generation thread died" in raw:
                 self.metrics.upstream_error(f"status_{conn.status}")
                 raise UpstreamUnavailable(f"upstream answered {conn.status}: "
-                                   f"{raw[:200].decode('utf-8', 'replace')}")
+                                          f"{raw[:200].decode('utf-8', 'replace')}",
+                                          unreached=conn.status == 503)
             return conn, raw
         return conn, None
 
@@ -421,7 +428,8 @@ class Proxy:
         if conn.status != 200 and (conn.status >= 500 or b"generation thread died" in raw):
             self.metrics.upstream_error(f"status_{conn.status}")
             raise UpstreamUnavailable(f"upstream answered {conn.status}: "
-                               f"{raw[:200].decode('utf-8', 'replace')}")
+                                      f"{raw[:200].decode('utf-8', 'replace')}",
+                                      unreached=conn.status == 503)
         return conn, raw
 
     def passthrough_error(self, resp: UpstreamConnection, raw: bytes) -> web.Response:

@@ -16,8 +16,10 @@ round-robin, least-busy: the ready one with the fewest generations in flight,
 ties in turn; cache-aware: the one holding the longest prefix of the prompt,
 unless it is much busier); a replica whose request fails is marked down and left
 out until its own probe gets a token again (Proxy.recover); a request that
-never reached a replica (no connection, no answer, not ready) is tried on the
-next ready one, so the client sees a 503 only when none could take it.
+never reached a replica (no connection, no answer, not ready, or a 503 from a
+replica that is another host's proxy whose server is down or restarting) is
+tried on the next ready one, so the client sees a 503 only when none could
+take it.
 
 On the hot path this is one dict lookup (`Router.pick`), and with replicas the
 policy's ordering (a sort of the few replicas by load; cache-aware: one hash a

@@ -193,6 +193,36 @@ def test_a_replica_behind_another_proxy_gets_its_key_and_the_key_stays_out_of_th
                       "--upstream-key-file", f"{other.url}={key_file}")
 
 
+def test_a_replica_proxy_that_answers_503_is_left_out_and_the_request_taken_elsewhere(
+        upstream_stub, second_stub, proxy_factory):
+    """A replica that is another host's proxy whose server went away answers 503
+    (nothing was generated there): the front door tries the next replica instead of
+    passing the 503 on, and leaves that replica out until its probe gets a token."""
+    other = proxy_factory(second_stub.url, "--public-name", "glm-5.2", "--retry-after-ms", "200")
+    front = proxy_factory(upstream_stub.url, "--public-name", "glm-5.2", "--retry-after-ms",
+                          "200", "--replica", f"glm-5.2={other.url}",
+                          "--replica-policy", "round-robin")
+    wait_healthy(front.url)
+    c = client(front)
+    for _ in range(4):
+        assert c.chat.completions.create(model="glm-5.2", messages=CHAT).model == "glm-5.2"
+    assert metric(front, f'proxy_replica_requests_total{{model="glm-5.2",upstream="{other.url}",'
+                         'code="200"}') >= 1
+    second_stub.stop()  # the other host's server is gone; its proxy is up and says 503
+    for stream in (False, True, False, True):
+        got = c.chat.completions.create(model="glm-5.2", messages=CHAT, stream=stream)
+        if stream:
+            assert "".join(chunk.choices[0].delta.content or "" for chunk in got
+                           if chunk.choices)
+        else:
+            assert got.model == "glm-5.2"
+    assert metric(front, f'proxy_replica_requests_total{{model="glm-5.2",upstream="{other.url}",'
+                         'code="503"}') >= 1
+    assert metric(front, 'proxy_replica_retries_total{model="glm-5.2"}') >= 1
+    assert metric(front, f'proxy_replica_ready{{model="glm-5.2",upstream="{other.url}"}}') == 0
+    assert metric(front, 'proxy_model_requests_total{model="glm-5.2",code="503"}') == 0
+
+
 def test_a_front_door_with_no_server_of_its_own_sends_its_key_to_each_upstream(
         upstream_stub, second_stub, proxy_factory, tmp_path):
     """A host that runs only the proxy (route_front_door_only): its --upstream and
