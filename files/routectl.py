@@ -306,10 +306,15 @@ def run_smoke(args: argparse.Namespace, releases: Releases, release: str) -> tup
 
 
 class Maintenance:
-    """A note the proxy shows in its 503s while the server restarts on purpose."""
+    """A note the proxy shows in its 503s while the server restarts on purpose (and
+    the proxy's watchdog leaves the server alone). `until`: when the note stops
+    being trusted, this switch's longest run from now; a switch killed half-way
+    (SIGKILL, a power cut) cannot remove it, and it must not silence the watchdog
+    until the next deploy."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, longest_s: float):
         self.path = path
+        self.longest_s = longest_s
 
     def __enter__(self):
         return self
@@ -317,8 +322,10 @@ class Maintenance:
     def begin(self, message: str) -> None:
         if self.path:
             tmp = self.path + ".new"
+            now = time.time()
             with open(tmp, "w") as handle:
-                json.dump({"message": message, "since": time.time()}, handle)
+                json.dump({"message": message, "since": now, "until": now + self.longest_s},
+                          handle)
             os.replace(tmp, self.path)
 
     def __exit__(self, *exc) -> None:
@@ -388,7 +395,11 @@ def switch(args: argparse.Namespace) -> int:
               f"failed too: {how}\nswitch: the route is DOWN", file=sys.stderr)
         return 3
 
-    with Maintenance(args.maintenance) as note:
+    # the longest a switch runs after its note: the smoke, the start and a rollback's
+    # start (each bounded), two stops (each bounded by the service manager's kill
+    # timeout), and a minute for everything between them
+    longest = args.smoke_timeout + 2 * args.timeout + 2 * args.stop_timeout + 60
+    with Maintenance(args.maintenance, longest) as note:
         if args.strategy == "overlap":
             ok, how = run_smoke(args, releases, target)
             if not ok:
@@ -458,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     p_switch.add_argument("--protect", action="append",
                           help="a file naming a release still in use (never pruned)")
     p_switch.add_argument("--maintenance", help="note file the proxy shows while restarting")
+    p_switch.add_argument("--stop-timeout", type=float, default=30,
+                          help="longest a stop command takes (the service manager's kill "
+                               "timeout); with the other timeouts it bounds the note's life")
     p_switch.add_argument("--run-as", help="user the smoke runs as when this runs as root")
     p_switch.set_defaults(func=switch)
 

@@ -87,6 +87,7 @@ def switch_command(backend, svc, release: str, strategy: str, staged: str | None
         "--timeout", str(int(prof["ready_timeout_s"])),
         "--keep", str(int(host.data.venv_releases_keep)),
         "--maintenance", maintenance_file(p),
+        "--stop-timeout", str(int(host.data.service_stop_timeout_s)),
     ]
     if staged:
         argv += ["--definition", backend.definition_path(svc), "--staged", staged]

@@ -27,7 +27,7 @@ from .routing import (UNKNOWN, Router, parse_key_files, parse_replicas, parse_ro
 from .sse import (Assembler, BadUpstream, EventSplitter, as_stream, dumps, event_data, loads,
                   rename_event)
 from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
-from .watchdog import Watchdog
+from .watchdog import Watchdog, note_expired
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
@@ -212,8 +212,8 @@ class Proxy:
                 note = json.load(handle)
         except (OSError, ValueError):
             return None
-        if not isinstance(note, dict):
-            return None
+        if not isinstance(note, dict) or note_expired(note):
+            return None  # (expired: the switch that wrote it died half-way)
         return str(note.get("message") or "the model is restarting")
 
     def unavailable(self, problem: str) -> web.Response:

@@ -10,7 +10,9 @@ fire, because the process does not exit.
 Every --watchdog-interval-s the watchdog looks at the server:
 
 - a maintenance note exists (`routectl.py switch` is restarting the server
-  on purpose): it does nothing, and forgets what it saw;
+  on purpose): it does nothing, and forgets what it saw. A note past its
+  `until` (the switch that wrote it was killed, or the machine lost power
+  half-way) is not trusted: the watchdog judges the server again;
 - no server process (--server-pid-command prints nothing): the service
   manager's business, nothing to do;
 - a token came within the interval, or any byte of a generation in flight
@@ -33,15 +35,27 @@ manager's SIGTERM then lands at once instead of after its kill timeout.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
 import re
 import signal
+import time
 
 log = logging.getLogger("mlx-route-proxy")
 
 COMMAND_TIMEOUT_S = 300  # a restart command (stop + start) never runs longer
+
+
+def note_expired(note, now: float | None = None) -> bool:
+    """A maintenance note (JSON) whose `until` (wall-clock seconds, written by
+    `routectl.py switch`: its own longest run) has passed: the switch that wrote
+    it is gone without removing it. A note without `until` never expires."""
+    until = note.get("until") if isinstance(note, dict) else None
+    if isinstance(until, bool) or not isinstance(until, (int, float)):
+        return False
+    return (time.time() if now is None else now) > until
 
 
 def parse_cpu_time(text: str) -> float | None:
@@ -108,6 +122,7 @@ class Watchdog:
         self.restarts: dict[str, int] = {}
         self.failures = 0
         self.task: asyncio.Task | None = None
+        self.warned_stale = False  # said once that the maintenance note is past its end
 
     def start(self) -> None:
         self.task = asyncio.ensure_future(self.run())
@@ -136,8 +151,25 @@ class Watchdog:
         self.pid = self.cpu = None
 
     def in_maintenance(self) -> bool:
+        """The note exists and has not expired (one that cannot be read counts)."""
         path = self.args.maintenance_file
-        return bool(path) and os.path.exists(path)
+        if not path:
+            return False
+        try:
+            with open(path) as handle:
+                note = json.load(handle)
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError):
+            return True
+        if note_expired(note):
+            if not self.warned_stale:
+                log.warning("watchdog: maintenance note %s is past its end (the switch that "
+                            "wrote it did not finish); judging the server again", path)
+                self.warned_stale = True
+            return False
+        self.warned_stale = False
+        return True
 
     async def server_pid(self) -> int | None:
         code, out = await run_shell(self.args.server_pid_command, 30)

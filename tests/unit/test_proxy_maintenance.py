@@ -9,6 +9,7 @@ stop-first restart.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -46,5 +47,26 @@ def test_503_says_the_model_is_restarting_while_the_note_exists(tmp_path):
         note.unlink()
         status, _, body = chat(proxy.url)
         assert body["error"]["message"].startswith("upstream not ready")
+    finally:
+        proxy.stop()
+
+
+def test_a_note_past_its_end_is_not_trusted(tmp_path):
+    """A switch killed half-way (SIGKILL, a power cut) leaves its note behind: past
+    the `until` routectl wrote, the proxy says what is really wrong again."""
+    note = tmp_path / "maintenance.json"
+    proxy = start_proxy(f"http://127.0.0.1:{free_port()}", "--maintenance-file", str(note),
+                        log_path=tmp_path / "proxy.log")
+    try:
+        now = time.time()
+        note.write_text(json.dumps({"message": "the model is restarting on release abc",
+                                    "since": now, "until": now + 600}))
+        status, _, body = chat(proxy.url)
+        assert status == 503 and body["error"]["type"] == "upstream_restarting"
+        note.write_text(json.dumps({"message": "the model is restarting on release abc",
+                                    "since": now - 700, "until": now - 100}))
+        status, _, body = chat(proxy.url)
+        assert status == 503 and body["error"]["message"].startswith("upstream not ready"), body
+        assert body["error"]["type"] == "upstream_unavailable"
     finally:
         proxy.stop()

@@ -77,7 +77,8 @@ class Rig:
                rank_host: bool = False) -> subprocess.CompletedProcess:
         """`rank_host`: as a cluster host without rank 0 runs it (no smoke, no --url)."""
         stop = (f"test -f {self.note} && echo 'stop (503: restarting)' >> {self.log} "
-                f"|| echo stop >> {self.log}; rm -f {self.up}")
+                f"|| echo stop >> {self.log}; cp {self.note} {self.tmp}/note.seen 2>/dev/null; "
+                f"rm -f {self.up}")
         start = (f"echo \"start $(basename $(readlink {self.root}/current)) "
                  f"$(cat {self.definition})\" >> {self.log}; touch {self.up}")
         argv = [sys.executable, str(ROUTECTL), "switch", "--root", str(self.root),
@@ -85,7 +86,7 @@ class Rig:
                 "--smoke", "null" if rank_host else json.dumps(
                     smoke or {"model": "m", "messages": [], "expect": "x"}),
                 *([] if rank_host else ["--url", f"http://127.0.0.1:{self.http.server_port}"]),
-                "--timeout", "3",
+                "--timeout", "3", "--stop-timeout", "5",
                 "--maintenance", str(self.note), "--keep", "2",
                 "--definition", str(self.definition), "--staged", str(self.staged), *extra]
         return subprocess.run(argv, capture_output=True, text=True, timeout=60)
@@ -121,6 +122,11 @@ def test_stop_first_stops_then_smokes_then_starts_the_new_release(rig):
     assert r.steps() == ["stop (503: restarting)", "smoke B", "start B new definition"]
     assert r.current() == "B" and r.state()["previous"] == ["A"]
     assert not r.note.exists()  # the proxy stops saying "restarting"
+    # and a note left behind by a switch killed half-way ends: its longest run from
+    # then (smoke 1800 s by default + 2 x the 3-s readiness deadline + 2 x the 5-s stop
+    # timeout + 60 s), after which the proxy and its watchdog no longer trust it
+    seen = json.loads((r.tmp / "note.seen").read_text())
+    assert seen["until"] - seen["since"] == pytest.approx(1800 + 2 * 3 + 2 * 5 + 60)
 
 
 def test_the_smoke_runs_with_the_servers_blas(rig):

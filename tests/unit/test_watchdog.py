@@ -319,13 +319,17 @@ def test_long_prefill_is_left_alone(route_factory):
 
 def test_no_restart_while_the_deploy_restarts_the_server(route_factory):
     route, frozen = route_factory()
+    now = time.time()
     route.maintenance.write_text(json.dumps({"message": "the model is restarting on release x",
-                                             "since": time.time()}))
+                                             "since": now, "until": now + 600}))
     old = freeze(route, frozen)
     time.sleep(STUCK_S + 4 * INTERVAL_S)
     assert route.pid() == old and route.restarts() == {}, route.proxy.log()[-3000:]
-    # the watchdog was armed all along: without the note it acts
-    route.maintenance.unlink()
+    # the watchdog was armed all along: once the note is past its end (the switch
+    # that wrote it was killed half-way and could not remove it) it acts
+    route.maintenance.write_text(json.dumps({"message": "the model is restarting on release x",
+                                             "since": now, "until": time.time() - 1}))
     took = route.wait_new_pid(old, RESTART_LIMIT_S + 30)
     assert took <= RESTART_LIMIT_S
     assert route.restarts() == {"no_token": 1}
+    assert "is past its end" in route.proxy.log()
