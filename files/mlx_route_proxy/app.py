@@ -16,7 +16,8 @@ import logging
 import math
 import sys
 
-from aiohttp import ClientError, HttpVersion11, web
+from aiohttp import ClientError, web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from . import metrics as metrics_mod
 from .admission import Deadline, Gate, QueueFull
@@ -394,11 +395,7 @@ class Proxy:
                 conn.abort()
                 raise
             self.pool.release(conn)
-            if conn.status >= 500 or b"generation thread died" in raw:
-                self.metrics.upstream_error(f"status_{conn.status}")
-                raise UpstreamUnavailable(f"upstream answered {conn.status}: "
-                                          f"{raw[:200].decode('utf-8', 'replace')}",
-                                          unreached=conn.status == 503)
+            self.check_unavailable(conn.status, raw)
             return conn, raw
         return conn, None
 
@@ -425,12 +422,19 @@ class Proxy:
                 conn.abort(reset=True)
             raise
         self.pool.release_later(conn, DONE_GRACE_S)  # on_body may stop at [DONE]
-        if conn.status != 200 and (conn.status >= 500 or b"generation thread died" in raw):
-            self.metrics.upstream_error(f"status_{conn.status}")
-            raise UpstreamUnavailable(f"upstream answered {conn.status}: "
-                                      f"{raw[:200].decode('utf-8', 'replace')}",
-                                      unreached=conn.status == 503)
+        if conn.status != 200:
+            self.check_unavailable(conn.status, raw)
         return conn, raw
+
+    def check_unavailable(self, status: int, raw: bytes) -> None:
+        """UpstreamUnavailable for an error answer that says the upstream cannot generate
+        now (a 5xx, or mlx_lm.server's 404 "generation thread died"); a 503 also says
+        no generation started there (another replica may take the request)."""
+        if status >= 500 or b"generation thread died" in raw:
+            self.metrics.upstream_error(f"status_{status}")
+            raise UpstreamUnavailable(f"upstream answered {status}: "
+                                      f"{raw[:200].decode('utf-8', 'replace')}",
+                                      unreached=status == 503)
 
     def passthrough_error(self, resp: UpstreamConnection, raw: bytes) -> web.Response:
         """The upstream's own error (a 4xx: bad request, unknown model), OpenAI-shaped."""
@@ -707,7 +711,9 @@ class Front:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.headers.get("Expect"):  # as aiohttp's Application: before the rest
-            await expect_continue(request)
+            # (100 Continue, or 417 for any other expectation: aiohttp's own handler)
+            await _default_expect_handler(request)
+            await request.writer.drain()
         return await self.counted(request)
 
     async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -730,18 +736,6 @@ class Front:
     async def stop(self) -> None:
         for proxy in self.proxies:
             await proxy.stop()
-
-
-async def expect_continue(request: web.BaseRequest) -> None:
-    """`Expect: 100-continue` gets its interim answer; any other expectation 417
-    (what aiohttp's Application does before routing)."""
-    expect = request.headers.get("Expect", "")
-    if request.version == HttpVersion11:
-        if expect.lower() != "100-continue":
-            raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the answer proper has not started
-        await request.writer.drain()
 
 
 def build_app(args: argparse.Namespace, key: bytes | None) -> Front:

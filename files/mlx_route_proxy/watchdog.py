@@ -48,14 +48,14 @@ log = logging.getLogger("mlx-route-proxy")
 COMMAND_TIMEOUT_S = 300  # a restart command (stop + start) never runs longer
 
 
-def note_expired(note, now: float | None = None) -> bool:
+def note_expired(note) -> bool:
     """A maintenance note (JSON) whose `until` (wall-clock seconds, written by
     `routectl.py switch`: its own longest run) has passed: the switch that wrote
     it is gone without removing it. A note without `until` never expires."""
     until = note.get("until") if isinstance(note, dict) else None
     if isinstance(until, bool) or not isinstance(until, (int, float)):
         return False
-    return (time.time() if now is None else now) > until
+    return time.time() > until
 
 
 def parse_cpu_time(text: str) -> float | None:

@@ -377,6 +377,28 @@ def test_method_is_checked_after_the_key(upstream_stub, proxy_factory, tmp_path)
         assert r.status_code == 401, (method, r.status_code)
 
 
+def test_expect_gets_100_continue_or_417_before_the_key(upstream_stub, proxy_factory, tmp_path):
+    """`Expect: 100-continue` gets its interim answer and then the real one; any other
+    expectation is 417, before the key is looked at (as aiohttp's Application did)."""
+    p = start(proxy_factory, upstream_stub.url, key=KEY, tmp_path=tmp_path)
+    port = int(p.url.rsplit(":", 1)[1])
+    body = json.dumps({"messages": CHAT}).encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: %d\r\nConnection: close\r\n" % len(body))
+    auth = b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+    with socket.create_connection(("127.0.0.1", port), 10) as s:
+        s.sendall(head + auth + b"Expect: 100-continue\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        s.sendall(body)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    for auth in (auth, b""):  # 417 with the key or without it
+        out = raw_request(port, head + auth + b"Expect: the-moon\r\n\r\n" + body)
+        assert out.startswith(b"HTTP/1.1 417"), out[:200]
+
+
 # -- renaming ----------------------------------------------------------------------------------
 
 
