@@ -1,10 +1,7 @@
 """The proxy's HTTP surface: handlers, the key check, readiness, forwarding.
 
-Served by aiohttp's low-level server (its HTTP/1.1 protocol, parser, timeouts
-and cancellation), without its Application: `Front` finds the handler with one
-dict lookup and wraps it in the key check and the counting, where the
-Application resolved a router and rebuilt its middleware chain on every request
-(~10 µs a request of the proxy's ~200 on the benchmark's 2 cores)."""
+Served by server.py (HTTP/1.1 on llhttp): `Front` finds the handler with one
+dict lookup and wraps it in the key check and the counting."""
 
 from __future__ import annotations
 
@@ -16,15 +13,13 @@ import logging
 import math
 import sys
 
-from aiohttp import ClientError, web
-from aiohttp.web_urldispatcher import _default_expect_handler
-
 from . import metrics as metrics_mod
 from .admission import Deadline, Gate, QueueFull
 from .affinity import CacheUsage, Policy, stream_usage
 from .metrics import GENERATION_PATHS, Metrics
 from .routing import (UNKNOWN, Router, parse_key_files, parse_replicas, parse_routes,
                       read_upstream_key, route_args, upstream_urls)
+from .server import BadBody, Request, Response, StreamResponse
 from .sse import (Assembler, BadUpstream, EventSplitter, as_stream, dumps, event_data, loads,
                   rename_event)
 from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
@@ -63,20 +58,17 @@ class StreamCut(ConnectionError):
     """The upstream's stream ended before `data: [DONE]`."""
 
 
-def json_response(data, status: int = 200, headers: dict | None = None) -> web.Response:
-    """aiohttp's json_response with the module's encoder: the same bytes and headers,
-    without its text-to-bytes steps."""
-    return web.Response(body=dumps(data), status=status, headers=headers,
-                        content_type="application/json", charset="utf-8")
+def json_response(data, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(dumps(data), status, headers)
 
 
-def error(status: int, message: str, kind: str, headers: dict | None = None) -> web.Response:
+def error(status: int, message: str, kind: str, headers: dict | None = None) -> Response:
     """An OpenAI-shaped error, which the openai SDK turns into a typed exception."""
     return json_response({"error": {"message": message, "type": kind, "code": status}},
                              status=status, headers=headers)
 
 
-async def sse_error(out: web.StreamResponse, message: str, kind: str) -> None:
+async def sse_error(out: StreamResponse, message: str, kind: str) -> None:
     """An error event for a stream already under way (the openai SDK raises it)."""
     try:
         await out.write(b"data: " + json.dumps(
@@ -217,7 +209,7 @@ class Proxy:
             return None  # (expired: the switch that wrote it died half-way)
         return str(note.get("message") or "the model is restarting")
 
-    def unavailable(self, problem: str) -> web.Response:
+    def unavailable(self, problem: str) -> Response:
         note = self.maintenance()
         if note:
             return error(503, f"{note}; retry after {math.ceil(self.args.retry_after_ms / 1000)} s",
@@ -225,27 +217,25 @@ class Proxy:
         return error(503, f"upstream not ready: {problem}", "upstream_unavailable",
                      self.retry_headers())
 
-    def authorized(self, request: web.BaseRequest) -> bool:
+    def authorized(self, request: Request) -> bool:
         """One `Authorization: Bearer <key>` header with the key; any bytes are fine."""
         if self.key is None:
             return True
-        given = request.headers.getall("Authorization", ())
+        given = request.headers.getall_raw("Authorization")
         if len(given) != 1:
             return False
-        # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives them back.
-        raw = given[0].encode("utf-8", "surrogateescape")
-        scheme, _, token = raw.partition(b" ")
+        scheme, _, token = given[0].partition(b" ")
         # compare_digest runs in time independent of where the strings differ
         return hmac.compare_digest(token.strip(), self.key) and scheme.lower() == b"bearer"
 
-    def unauthorized(self) -> web.Response:
+    def unauthorized(self) -> Response:
         return error(401, "missing or wrong API key: send 'Authorization: Bearer "
                           "<key>' (the key is in proxy.key on the host)", "authentication_error",
                           {"WWW-Authenticate": "Bearer"})
 
     # -- handlers -----------------------------------------------------------
 
-    async def handle_generation(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle_generation(self, request: Request) -> Response | StreamResponse:
         started = self.now()
         path = request.path
         if request.method != "POST":
@@ -253,16 +243,15 @@ class Proxy:
         if (request.content_length or 0) > self.args.max_body_bytes:
             return self.too_large()
         try:
-            content = request.content
-            if content.is_eof():  # the body came with the headers: no timer, no waiting
-                raw = content.read_nowait()
-                if len(raw) > self.args.max_body_bytes:  # (a chunked body; read() checks too)
-                    return self.too_large()
+            if request.complete:  # the body came with the headers: no timer, no waiting
+                raw = request.body()
             else:
                 async with deadline(self.args.body_timeout_s):
                     raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self.too_large()
+        except BadBody as e:
+            if e.status == 413:
+                return self.too_large()
+            return error(e.status, str(e), "invalid_request_error")
         except asyncio.TimeoutError:
             return error(408, f"request body not received within {self.args.body_timeout_s:g} s",
                          "invalid_request_error")
@@ -344,7 +333,7 @@ class Proxy:
         except asyncio.CancelledError:
             self.metrics.cancel("client_left")
             raise
-        except (ConnectionResetError, ClientError, OSError) as e:
+        except (ConnectionResetError, OSError) as e:
             if request.transport is None or request.transport.is_closing():
                 self.metrics.cancel("client_left")  # we were writing to a client that left
                 sent = request.get("sse")
@@ -366,7 +355,7 @@ class Proxy:
         await self.gate.acquire()
         return True
 
-    async def fail(self, request, status: int, message: str, kind: str) -> web.StreamResponse:
+    async def fail(self, request, status: int, message: str, kind: str):
         """An error answer; in-band once a stream's headers are out."""
         sent = request.get("sse")
         if sent is not None:
@@ -375,7 +364,7 @@ class Proxy:
             return sent
         return error(status, message, kind)
 
-    def too_large(self) -> web.Response:
+    def too_large(self) -> Response:
         return error(413, f"request body over --max-body-bytes {self.args.max_body_bytes}",
                      "invalid_request_error")
 
@@ -436,7 +425,7 @@ class Proxy:
                                       f"{raw[:200].decode('utf-8', 'replace')}",
                                       unreached=status == 503)
 
-    def passthrough_error(self, resp: UpstreamConnection, raw: bytes) -> web.Response:
+    def passthrough_error(self, resp: UpstreamConnection, raw: bytes) -> Response:
         """The upstream's own error (a 4xx: bad request, unknown model), OpenAI-shaped."""
         status = resp.status if 400 <= resp.status < 500 else 502
         try:
@@ -459,7 +448,7 @@ class Proxy:
         if raw is not None:
             return self.passthrough_error(resp, raw)
         try:
-            out = web.StreamResponse(status=200, headers=SSE_HEADERS)
+            out = StreamResponse(200, SSE_HEADERS)
             await out.prepare(request)
             request["sse"] = out
             splitter = EventSplitter()
@@ -516,7 +505,7 @@ class Proxy:
         self.pool.release(resp)
         return out
 
-    async def forward_plain(self, path, body, name) -> web.Response:
+    async def forward_plain(self, path, body, name) -> Response:
         resp, raw = await self.exchange(path, body)
         if resp.status != 200:
             return self.passthrough_error(resp, raw)
@@ -530,7 +519,7 @@ class Proxy:
             self.usage.add(reply.get("usage"))
         return json_response(reply)
 
-    async def forward_assembled(self, path, body, name, untouched=None) -> web.Response:
+    async def forward_assembled(self, path, body, name, untouched=None) -> Response:
         # the client's bytes with two keys changed when that is sure, else encoded anew
         streamed = as_stream(untouched, body) if untouched is not None else None
         body["stream"] = True
@@ -554,8 +543,7 @@ class Proxy:
         self.usage.add(assembler.usage)
         return json_response(assembler.reply())
 
-    async def handle_models(self, request: web.BaseRequest,
-                            wanted: str | None = None) -> web.Response:
+    async def handle_models(self, request: Request, wanted: str | None = None) -> Response:
         # Our own answer: mlx_lm.server lists its HF cache and local paths (and
         # fails with an empty body when the cache folder is missing), not the
         # one model it serves under the name clients use.
@@ -577,7 +565,7 @@ class Proxy:
                          f"{self.args.public_name!r}", "invalid_request_error")
         return json_response(entry)
 
-    async def handle_health(self, request: web.BaseRequest) -> web.Response:
+    async def handle_health(self, request: Request) -> Response:
         # Open without a key so supervisors and load balancers can ask: then it
         # says ok or unavailable and nothing else, and starts at most one probe
         # per --health-cache-s (while the upstream is down the proxy probes
@@ -607,7 +595,7 @@ class Proxy:
                         else "; ".join(f"model {m!r}: {problem}" for m, problem in down.items()))
         return json_response(body, status=503, headers=self.retry_headers())
 
-    async def handle_metrics(self, request: web.BaseRequest) -> web.Response:
+    async def handle_metrics(self, request: Request) -> Response:
         text = self.metrics.render(self.gate.active, len(self.gate.waiters), self.ready)
         if self.watchdog is not None:
             text += "\n".join(self.watchdog.render()) + "\n"
@@ -615,9 +603,9 @@ class Proxy:
             text += self.router.render()
         else:
             text += "\n".join(self.usage.render()) + "\n"
-        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+        return Response(text.encode(), content_type="text/plain; charset=utf-8")
 
-    async def handle_unknown(self, request: web.BaseRequest) -> web.Response:
+    async def handle_unknown(self, request: Request) -> Response:
         return error(404, f"no route {request.method} {request.path}; this proxy serves POST "
                      f"{', '.join(GENERATION_PATHS)}, GET /v1/models, /health, /metrics",
                      "not_found")
@@ -678,7 +666,7 @@ def auth_middleware(proxy: Proxy, handler):
     path is looked at: 401 comes before 404 or 405)."""
     key, authorized, unauthorized = proxy.key, proxy.authorized, proxy.unauthorized
 
-    async def check_key(request: web.BaseRequest):
+    async def check_key(request: Request):
         if key is not None and request.path not in OPEN_PATHS and not authorized(request):
             return unauthorized()
         return await handler(request)
@@ -690,10 +678,10 @@ MODELS_PREFIX = "/v1/models/"
 
 
 class Front:
-    """What aiohttp's low-level server calls with each request: the Expect check,
+    """What the server calls with each request: the Expect check,
     then the counting (metrics), the key check and the handler of the path.
 
-    The paths, as aiohttp's router had them: the generation paths take any
+    The paths: the generation paths take any
     method (the handler answers 405), /v1/models[/<name>], /health and
     /metrics take GET and HEAD, anything else is handle_unknown's 404.
     """
@@ -709,14 +697,17 @@ class Front:
             handler = auth_middleware(proxy, handler)
         self.counted = metrics_mod.middleware(proxy.metrics, handler)
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.headers.get("Expect"):  # as aiohttp's Application: before the rest
-            # (100 Continue, or 417 for any other expectation: aiohttp's own handler)
-            await _default_expect_handler(request)
-            await request.writer.drain()
+    async def __call__(self, request: Request) -> Response | StreamResponse:
+        expect = request.headers.get("Expect")
+        if expect and request.version == "1.1":  # before the rest, as aiohttp did
+            if expect.lower() != "100-continue":
+                return error(417, "unknown Expect; only 100-continue is understood",
+                             "invalid_request_error")
+            if not request.complete:
+                request.protocol.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         return await self.counted(request)
 
-    async def dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def dispatch(self, request: Request) -> Response | StreamResponse:
         path = request.path
         handler = self.any_method.get(path)
         if handler is not None:

@@ -12,12 +12,11 @@ import signal
 import stat
 import sys
 
-from aiohttp import web, web_protocol
-
 from .affinity import POLICIES
-from .app import build_app, error
+from .app import build_app
 from .routing import (RouteSpecError, parse_key_files, parse_replicas, parse_routes,
                       upstream_urls)
+from .server import Server
 
 log = logging.getLogger("mlx-route-proxy")
 
@@ -242,48 +241,18 @@ class RedactingFormatter(logging.Formatter):
         return BEARER.sub(r"\1 [redacted]", text)
 
 
-def quiet_handle_error(self, request, status=500, exc=None, message=None):
-    """aiohttp's answer to a request it could not parse (or a handler that raised),
-    without echoing the request: its parser quotes the offending bytes, which may
-    be a folded Authorization header."""
-    if status >= 500:
-        log.error("error handling a request: %s", type(exc).__name__, exc_info=exc)
-    else:
-        log.debug("refused a malformed request (%d, %s)", status, type(exc).__name__)
-    if request.writer.output_size > 0:
-        raise ConnectionError("response already under way; closing the connection")
-    if status >= 500:
-        resp = error(status, "internal error (see the proxy's log)", "internal_error")
-    else:
-        resp = error(status, "malformed HTTP request", "invalid_request_error")
-    resp.force_close()
-    return resp
-
-
 async def serve(args: argparse.Namespace, key: bytes | None) -> int:
-    web_protocol.RequestHandler.handle_error = quiet_handle_error
     front = build_app(args, key)
     loop = asyncio.get_running_loop()
-
-    def make_request(message, payload, protocol, writer, task):
-        # aiohttp's own limit turns a chunked body over the limit into a 413 too.
-        return web.BaseRequest(message, payload, protocol, writer, task, loop,
-                               client_max_size=args.max_body_bytes)
-
-    # handler_cancellation: a client that disconnects cancels its handler at
-    # once, which closes the upstream connection. keepalive_timeout also closes
-    # a connection that has not sent complete headers in time (aiohttp arms it
-    # at connection start), so slow clients hold only their own socket.
-    server = web.Server(front, request_factory=make_request, handler_cancellation=True,
-                        access_log=None, keepalive_timeout=args.header_timeout_s)
-    runner = web.ServerRunner(server, shutdown_timeout=5)
-    await runner.setup()
+    # header_timeout_s bounds both a head that comes too slowly and an idle
+    # kept-alive connection: slow clients hold only their own socket. A client
+    # that disconnects cancels its handler, which closes the upstream connection.
+    server = Server(front, max_body=args.max_body_bytes, header_timeout=args.header_timeout_s,
+                    grace=5.0)
     await front.start()
-    site = web.TCPSite(runner, args.host, args.port, backlog=1024)
     try:
-        await site.start()
+        await server.listen(args.host, args.port, backlog=1024)
     except OSError as e:
-        await runner.cleanup()
         await front.stop()
         print(f"proxy: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
         return 1
@@ -294,7 +263,7 @@ async def serve(args: argparse.Namespace, key: bytes | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
-    await runner.cleanup()
+    await server.stop()
     await front.stop()
     return 0
 

@@ -6,8 +6,6 @@ import asyncio
 import bisect
 import time
 
-from aiohttp import web
-
 GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/chat/completions")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
                    1800)
@@ -87,7 +85,7 @@ def middleware(metrics: Metrics, handler):
 
     timed_paths = frozenset(GENERATION_PATHS)
 
-    async def count(request: web.BaseRequest):
+    async def count(request):
         path = request.path
         timed = path in timed_paths
         if not timed:
@@ -98,9 +96,6 @@ def middleware(metrics: Metrics, handler):
             resp = await handler(request)
             status = resp.status
             return resp
-        except web.HTTPException as e:
-            status = e.status
-            raise
         except asyncio.CancelledError:
             raise
         except Exception:
