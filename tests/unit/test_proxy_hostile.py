@@ -428,6 +428,36 @@ def test_a_nested_model_field_is_left_alone(raw_upstream, proxy_factory):
     assert [e["model"] for e in events] == ["glm-5.2"] * 2
 
 
+@pytest.mark.parametrize("depth, status", [(300, 200), (1010, 502)])
+@pytest.mark.parametrize("plain", [False, True], ids=["assembled", "plain"])
+def test_deep_upstream_json_is_encoded_or_refused_never_500(raw_upstream, proxy_factory,
+                                                            depth, status, plain):
+    """A deep answer is passed intact (300 levels) or, past Python's recursion limit,
+    the upstream's fault (502), not the proxy's (500). (Written when orjson was
+    tried for the upstream's JSON: it reads 1024 levels but writes only 254.)"""
+    deep = b"[" * depth + b"]" * depth
+    if plain:  # logprobs: the reply is forwarded as the upstream wrote it, renamed
+        answer = b'{"model": "default_model", "x": %s, "choices": []}' % deep
+        up = raw_upstream(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)])
+    else:
+        up = raw_upstream(lambda _: [SSE_HEAD, event(
+            b'{"choices": [{"index": 0, "delta": {"content": "a", "x": %s}}]}' % deep),
+            b"data: [DONE]\n\n"])
+    p = start(proxy_factory, up.url)
+    body = {"messages": CHAT, **({"logprobs": True} if plain else {})}
+    r = post(p.url, body)
+    assert r.status_code == status, r.text[:300]
+    if status == 200:
+        x = r.json()["x"] if plain else r.json()["choices"][0]["message"]["x"]
+        for _ in range(depth - 1):
+            x = x[0]
+        assert x == []
+    else:
+        assert r.json()["error"]["type"] == "upstream_error"
+    assert "Traceback" not in p.log()
+
+
 TWO_LINE = b'data: {"choices": [{"index": 0, "delta":\ndata:  {"content": "c"}}]}\n\n'
 NO_SPACE = b'data:{"choices": [{"index": 0, "delta": {"content": "d"}}]}\n\n'
 OTHER_LINES = b': keepalive\n\nevent: message\ndata: {"choices": [{"index": 0, "delta": {}}]}\n\n'
