@@ -1,10 +1,11 @@
-"""OpenAI-compatible front door for mlx_lm.server (aiohttp), shipped as one zipapp.
+"""OpenAI-compatible front door for mlx_lm.server (asyncio, httptools), shipped as one zipapp.
 
     python proxy.pyz --host 0.0.0.0 --port 8026 --upstream http://127.0.0.1:8025 \
         --public-name glm-5.2 --api-key-file ~/.local/share/mlx-route/proxy.key
 
-Modules: cli (flags, logging, the server loop on aiohttp's low-level server),
-app (the paths, handlers, the key check and readiness), admission
+Modules: cli (flags, logging, the server loop), server (HTTP/1.1 to clients on
+httptools: framing, limits, timeouts, cancellation), app (the paths, handlers,
+the key check and readiness), admission
 (concurrency and queue; deadlines on one loop timer), upstream (the HTTP/1.1
 client on httptools), sse (splitting, renaming and assembling events, strict
 JSON), metrics (Prometheus counters and their middleware).

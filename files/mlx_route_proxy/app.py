@@ -27,7 +27,7 @@ from .watchdog import Watchdog, note_expired
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
-else:  # aiohttp depends on async-timeout below 3.11
+else:  # aiohttp (in the host lock) depends on async-timeout below 3.11
     from async_timeout import timeout as deadline
 
 log = logging.getLogger("mlx-route-proxy")
@@ -699,7 +699,7 @@ class Front:
 
     async def __call__(self, request: Request) -> Response | StreamResponse:
         expect = request.headers.get("Expect")
-        if expect and request.version == "1.1":  # before the rest, as aiohttp did
+        if expect and request.version == "1.1":  # before the key and the counting
             if expect.lower() != "100-continue":
                 return error(417, "unknown Expect; only 100-continue is understood",
                              "invalid_request_error")

@@ -29,7 +29,7 @@ from .admission import Ticker
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as deadline
-else:  # aiohttp depends on async-timeout below 3.11
+else:  # aiohttp (in the host lock) depends on async-timeout below 3.11
     from async_timeout import timeout as deadline
 
 MAX_HEAD_BYTES = 64 * 1024
