@@ -301,3 +301,22 @@ def test_stop_closes_idle_connections_and_lets_a_stream_finish_within_its_grace(
     assert p.proc.returncode == 0
     with pytest.raises(OSError):
         connect(p, 2)
+
+
+def test_a_client_that_does_not_read_holds_back_the_upstream(proxy_factory, upstream_stub):
+    """Back-pressure: while a streaming client reads nothing, the proxy's writes wait,
+    it stops reading the upstream, and the generation stalls instead of piling
+    up in the proxy; once the client reads, everything arrives."""
+    p = start(proxy_factory, upstream_stub)
+    tokens, text = 4000, "x" * 10_000  # 40 MB of events, more than the sockets hold
+    with connect(p, timeout=30) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(post(json.dumps({**CHAT, "stream": True, "max_tokens": tokens,
+                                   "stub": {"tokens": tokens, "text": text}}).encode()))
+        time.sleep(3)  # the stand-in writes ~100 MB/s when nothing holds it back
+        held = upstream_stub.generations[-1]
+        assert held.finished is None and held.tokens_sent < tokens // 2, held.tokens_sent
+        status, _, body = Reader(s).answer()
+    assert status == 200
+    assert body.count(b"x" * 10_000) == tokens
+    assert body.rstrip().endswith(b"data: [DONE]")
