@@ -11,7 +11,6 @@ import hmac
 import json
 import logging
 import math
-import sys
 
 from . import metrics as metrics_mod
 from .admission import Deadline, Gate, QueueFull
@@ -25,10 +24,7 @@ from .sse import (Assembler, BadUpstream, EventSplitter, as_stream, dumps, event
 from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
 from .watchdog import Watchdog, note_expired
 
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as deadline
-else:  # aiohttp (in the host lock) depends on async-timeout below 3.11
-    from async_timeout import timeout as deadline
+from asyncio import timeout as deadline  # (the host's Python is 3.11 or later)
 
 log = logging.getLogger("mlx-route-proxy")
 

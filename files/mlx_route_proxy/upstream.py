@@ -20,17 +20,13 @@ import os
 import socket
 import ssl
 import struct
-import sys
 import urllib.parse
 
 import httptools
 
 from .admission import Ticker
 
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as deadline
-else:  # aiohttp (in the host lock) depends on async-timeout below 3.11
-    from async_timeout import timeout as deadline
+from asyncio import timeout as deadline  # (the host's Python is 3.11 or later)
 
 MAX_HEAD_BYTES = 64 * 1024
 # An idle connection is reused only this soon: a server that closes idle
