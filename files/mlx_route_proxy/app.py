@@ -18,7 +18,7 @@ from .affinity import CacheUsage, Policy, stream_usage
 from .metrics import GENERATION_PATHS, Metrics
 from .routing import (UNKNOWN, Router, parse_key_files, parse_replicas, parse_routes,
                       read_upstream_key, route_args, upstream_urls)
-from .server import BadBody, Request, Response, StreamResponse
+from .server import BadBody, Request, Response, StreamResponse, error_body
 from .sse import (Assembler, BadUpstream, EventSplitter, as_stream, dumps, event_data, loads,
                   rename_event)
 from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
@@ -59,9 +59,9 @@ def json_response(data, status: int = 200, headers: dict | None = None) -> Respo
 
 
 def error(status: int, message: str, kind: str, headers: dict | None = None) -> Response:
-    """An OpenAI-shaped error, which the openai SDK turns into a typed exception."""
-    return json_response({"error": {"message": message, "type": kind, "code": status}},
-                             status=status, headers=headers)
+    """An OpenAI-shaped error, which the openai SDK turns into a typed exception
+    (the shape server.py's own 400 and 500 have too)."""
+    return Response(error_body(status, message, kind), status, headers)
 
 
 async def sse_error(out: StreamResponse, message: str, kind: str) -> None:

@@ -66,8 +66,7 @@ class _Malformed(Exception):
 
 class Headers:
     """A request's headers, as the client sent them; names case-insensitive.
-    Values are str decoded as UTF-8 with surrogateescape (`.encode("utf-8",
-    "surrogateescape")` gives the bytes back)."""
+    `get` gives a str (UTF-8, surrogateescape), `getall_raw` the bytes as sent."""
 
     __slots__ = ("items",)
 
@@ -78,10 +77,6 @@ class Headers:
         key = name.lower().encode("latin-1")
         return [v for k, v in self.items if k == key]
 
-    def getall(self, name: str, default=()) -> list[str] | tuple:
-        found = [v.decode("utf-8", "surrogateescape") for v in self.getall_raw(name)]
-        return found or default
-
     def get(self, name: str, default=None):
         key = name.lower().encode("latin-1")
         for k, v in self.items:
@@ -89,26 +84,21 @@ class Headers:
                 return v.decode("utf-8", "surrogateescape")
         return default
 
-    def __contains__(self, name: str) -> bool:
-        return bool(self.getall_raw(name))
-
 
 class Request:
     """One request: method, path (without the query, not percent-decoded),
     headers, the body as it arrives, and a dict for the handlers' own notes
     (`request["sse"]`)."""
 
-    __slots__ = ("method", "path", "query", "headers", "version", "keep_alive",
+    __slots__ = ("method", "path", "headers", "version", "keep_alive",
                  "content_length", "protocol", "notes", "complete", "chunks", "size",
                  "waiter", "problem")
 
-    def __init__(self, protocol: Connection, method: str, path: str, query: str,
-                 headers: Headers, version: str, keep_alive: bool,
+    def __init__(self, protocol: Connection, method: str, path: str, headers: Headers, version: str, keep_alive: bool,
                  content_length: int | None):
         self.protocol = protocol
         self.method = method
         self.path = path
-        self.query = query
         self.headers = headers
         self.version = version
         self.keep_alive = keep_alive
@@ -211,7 +201,7 @@ def _head(status: int, headers: dict | None, extra: bytes, close: bool,
 class Response:
     """An answer whose body is known: sent in one write, with its length."""
 
-    __slots__ = ("status", "body", "headers", "content_type", "close")
+    __slots__ = ("status", "body", "headers", "content_type")
 
     def __init__(self, body: bytes = b"", status: int = 200, headers: dict | None = None,
                  content_type: str = "application/json; charset=utf-8"):
@@ -219,16 +209,15 @@ class Response:
         self.body = body
         self.headers = headers
         self.content_type = content_type
-        self.close = False  # the connection closes after it
 
-    def send(self, request: Request, close: bool) -> None:
-        close = close or self.close
+    def encode(self, close: bool, version: str = "1.1", head_only: bool = False) -> bytes:
         extra = b"Content-Type: %s\r\nContent-Length: %d\r\n" % (
             self.content_type.encode("latin-1"), len(self.body))
-        head = _head(self.status, self.headers, extra, close,
-                     request.version == "1.0" and not close)
-        conn = request.protocol
-        conn.write(head if request.method == "HEAD" else head + self.body)
+        head = _head(self.status, self.headers, extra, close, version == "1.0" and not close)
+        return head if head_only else head + self.body
+
+    def send(self, request: Request, close: bool) -> None:
+        request.protocol.write(self.encode(close, request.version, request.method == "HEAD"))
 
 
 class StreamResponse:
@@ -389,11 +378,8 @@ class Connection(asyncio.Protocol):
         if self.current is not None:
             return  # the answer under way goes out, then the connection closes
         if self.transport is not None and not self.transport.is_closing():
-            resp = Response(error_body(400, "malformed HTTP request", "invalid_request_error"),
-                            400)
-            self.transport.write(_head(400, None, b"Content-Type: application/json; "
-                                       b"charset=utf-8\r\nContent-Length: %d\r\n"
-                                       % len(resp.body), True, False) + resp.body)
+            self.transport.write(Response(error_body(400, "malformed HTTP request",
+                                                     "invalid_request_error"), 400).encode(True))
             self.transport.close()
 
     def pause(self) -> None:
@@ -449,15 +435,13 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserInvalidURLError:
             raise _Malformed("request target") from None
         path = (url.path or b"/").decode("utf-8", "surrogateescape")
-        query = (url.query or b"").decode("utf-8", "surrogateescape")
         headers = Headers(self.fields)
         length = None
         for name, value in self.fields:
             if name == b"content-length":
                 length = int(value)  # llhttp took it: digits, one value
                 break
-        request = Request(self, parser.get_method().decode("ascii", "replace"), path, query,
-                          headers, parser.get_http_version(), parser.should_keep_alive(),
+        request = Request(self, parser.get_method().decode("ascii", "replace"), path, headers, parser.get_http_version(), parser.should_keep_alive(),
                           length)
         self.parsing = request
         if self.current is None and not self.pending:
@@ -505,14 +489,14 @@ class Connection(asyncio.Protocol):
             resp = None
         if self.transport is None:
             return
+        close = self.must_close(request)
         try:
             if isinstance(resp, Response):
-                resp.send(request, close=self.must_close(request))
-                close = self.must_close(request) or resp.close
+                resp.send(request, close)
             elif isinstance(resp, StreamResponse) and resp.request is request:
                 if not resp.finished:
                     await resp.write_eof()
-                close = self.must_close(request) or resp.close
+                close = close or resp.close
             else:
                 if resp is not None:
                     log.error("a handler answered %r", type(resp).__name__)

@@ -20,6 +20,8 @@ import zlib
 import httpx2 as httpx
 import pytest
 
+from tests.unit.test_proxy_stub import wait_healthy
+
 pytestmark = pytest.mark.timeout(60)
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -27,15 +29,8 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
 def start(proxy_factory, upstream_stub, *flags):
     p = proxy_factory(upstream_stub.url, *flags)
-    end = time.monotonic() + 10
-    while time.monotonic() < end:
-        try:
-            if httpx.get(p.url + "/health", timeout=5).status_code == 200:
-                return p
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the proxy never said healthy")
+    wait_healthy(p.url)
+    return p
 
 
 def connect(p, timeout=10.0) -> socket.socket:
