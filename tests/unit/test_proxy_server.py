@@ -303,7 +303,10 @@ def test_a_client_that_does_not_read_holds_back_the_upstream(proxy_factory, upst
     it stops reading the upstream, and the generation stalls instead of piling
     up in the proxy; once the client reads, everything arrives."""
     p = start(proxy_factory, upstream_stub)
-    tokens, text = 4000, "x" * 10_000  # 40 MB of events, more than the sockets hold
+    # 120 MB of events: on the way, loopback sockets hold up to ~41 MB here (a
+    # receiving socket autotunes to 32 MB, net.ipv4.tcp_rmem; a sending one to 4 MB),
+    # so more than half of the generation cannot be sent while the client waits.
+    tokens, text = 12000, "x" * 10_000
     with connect(p, timeout=30) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         s.sendall(post(json.dumps({**CHAT, "stream": True, "max_tokens": tokens,
@@ -311,7 +314,13 @@ def test_a_client_that_does_not_read_holds_back_the_upstream(proxy_factory, upst
         time.sleep(3)  # the stand-in writes ~100 MB/s when nothing holds it back
         held = upstream_stub.generations[-1]
         assert held.finished is None and held.tokens_sent < tokens // 2, held.tokens_sent
-        status, _, body = Reader(s).answer()
-    assert status == 200
-    assert body.count(b"x" * 10_000) == tokens
-    assert body.rstrip().endswith(b"data: [DONE]")
+        reader = Reader(s)
+        status, headers, _ = reader.answer(head_only=True)
+        got = bytearray(reader.buf)  # the chunks, read raw (120 MB)
+        while not got.endswith(b"0\r\n\r\n"):
+            more = s.recv(1 << 20)
+            assert more, "closed before the end of the stream"
+            got += more
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    assert got.count(b"x" * 10_000) == tokens
+    assert b"data: [DONE]" in got[-100:]
