@@ -6,7 +6,9 @@
 
 Measures (issue "the proxy", item 10):
   added latency   p50/p99 of sequential 1-token requests, proxy minus direct
-  throughput      requests/s with --clients concurrent clients, direct and proxy
+  throughput      requests/s with --clients concurrent clients, direct and proxy:
+                  this script's own aiohttp clients, then (when `wrk` is
+                  installed: apt-get install wrk) as many wrk connections
   first byte      time to the first streamed byte, direct and proxy
   stop after leave  how long the upstream keeps generating after a client
                   leaves: a streaming client, and a non-streaming client that
@@ -14,6 +16,12 @@ Measures (issue "the proxy", item 10):
 
 Every loop is bounded in count and in time; everything talks to 127.0.0.1.
 Writes a JSON file (--out) and prints a table. Numbers go in README.md.
+
+Why two load generators: on a small machine the clients share the cores with
+the proxy and the upstream. The aiohttp clients cost about as much CPU per
+request as the upstream does, so their throughput ratio counts the clients'
+CPU against the proxy; wrk (C, a few us a request) leaves the two cores to the
+proxy and the upstream, as clients on other machines of the LAN do.
 """
 
 from __future__ import annotations
@@ -23,10 +31,13 @@ import asyncio
 import json
 import os
 import platform
+import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -134,6 +145,56 @@ class Bench:
             total["seconds"] = round(total["seconds"], 3)
         return totals[self.direct], totals[self.proxy]
 
+    def throughput_wrk(self, clients) -> dict | None:
+        """As throughput(), with wrk as the clients: --clients connections on one
+        thread, direct and proxy in alternating whole-second slices. None when
+        wrk is not installed. wrk's own CPU is what its finished runs used
+        (RUSAGE_CHILDREN: the upstream and the proxy are reaped only at the end)."""
+        wrk = shutil.which("wrk")
+        if wrk is None:
+            print("bench: wrk is not installed (apt-get install wrk): "
+                  "the wrk throughput phase is skipped", file=sys.stderr)
+            return None
+        slice_s = max(1, round(self.args.phase_s / self.args.rounds))
+        totals = {base: {"requests": 0, "errors": 0, "seconds": 0.0}
+                  for base in (self.direct, self.proxy)}
+        pids = {"upstream": self.server_pid, "proxy": self.proxy_pid}
+        cpu = {base: dict.fromkeys([*pids, "client"], 0.0) for base in totals}
+        with tempfile.TemporaryDirectory() as tmp:
+            script = Path(tmp) / "post.lua"
+            script.write_text(WRK_SCRIPT.replace("BODY", lua_string(json.dumps(self.body()))))
+            for _ in range(self.args.rounds):
+                for base in totals:
+                    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    run = subprocess.run(
+                        [wrk, "-t1", f"-c{clients}", f"-d{slice_s}s", "--timeout", "10s",
+                         "-s", str(script), base + "/v1/chat/completions"],
+                        capture_output=True, text=True, timeout=slice_s + 30)
+                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    for name, pid in pids.items():
+                        cpu[base][name] += cpu_seconds(pid) - before[name]
+                    cpu[base]["client"] += (after.ru_utime - children.ru_utime
+                                            + after.ru_stime - children.ru_stime)
+                    summary = wrk_summary(run.stdout)
+                    if run.returncode != 0 or summary is None:
+                        raise SystemExit(f"bench: wrk failed ({run.returncode}): "
+                                         f"{run.stderr.strip() or run.stdout.strip()}")
+                    total = totals[base]
+                    total["requests"] += summary["ok"]
+                    total["errors"] += summary["errors"]
+                    total["seconds"] += summary["seconds"]
+        for base, total in totals.items():
+            total["rps"] = round(total["requests"] / total["seconds"], 1)
+            total["cpu_us_per_request"] = {
+                name: round(1e6 * seconds / max(1, total["requests"]))
+                for name, seconds in cpu[base].items() if base == self.proxy or name != "proxy"}
+            total["seconds"] = round(total["seconds"], 3)
+        d, p = totals[self.direct], totals[self.proxy]
+        return {"direct": d, "proxy": p,
+                "ratio": round(p["rps"] / d["rps"], 3) if d["rps"] else None,
+                "cpu_bound": cpu_bound(d, p)}
+
     async def first_byte(self, session, n) -> tuple[list[float], list[float]]:
         """Time to the first streamed token, direct and proxy alternating."""
         body = self.body(stream=True, tokens=self.args.stream_tokens,
@@ -222,6 +283,7 @@ class Bench:
             res["throughput"] = {"direct": td, "proxy": tp,
                                  "ratio": round(tp["rps"] / td["rps"], 3) if td["rps"] else None,
                                  "cpu_bound": cpu_bound(td, tp)}
+            res["throughput_wrk"] = self.throughput_wrk(a.clients)
             fd, fp = await self.first_byte(s, a.first_byte_n)
             res["first_byte_ms"] = {"direct_p50": 1e3 * statistics.median(fd),
                                     "proxy_p50": 1e3 * statistics.median(fp),
@@ -236,14 +298,51 @@ class Bench:
         return round_all(res)
 
 
+# wrk's request (one JSON body, POSTed on every connection) and its result, one
+# JSON line on stdout after wrk's own report; non-2xx answers are errors.
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = BODY
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('\\nWRK {"requests": %d, "status_errors": %d, "errors": %d, '
+    .. '"us": %d}\\n', summary.requests, e.status,
+    e.connect + e.read + e.write + e.status + e.timeout, summary.duration))
+end
+"""
+
+
+def lua_string(text: str) -> str:
+    """`text` as a Lua string literal (long brackets: no escapes inside)."""
+    level = 0
+    while f"]{'=' * level}]" in text:
+        level += 1
+    return f"[{'=' * level}[{text}]{'=' * level}]"
+
+
+def wrk_summary(stdout: str) -> dict | None:
+    """The WRK line of WRK_SCRIPT's done(): requests answered 2xx, errors, seconds."""
+    for line in stdout.splitlines():
+        if line.startswith("WRK "):
+            r = json.loads(line[4:])
+            return {"ok": r["requests"] - r["status_errors"], "errors": r["errors"],
+                    "seconds": r["us"] / 1e6}
+    return None
+
+
 def cpu_bound(direct: dict, proxy: dict) -> float | None:
-    """The ratio if every process's CPU per request were all that limits requests/s
-    (both cores always busy): the CPU a request costs direct over what it costs
-    through the proxy, all processes counted. The measured ratio stays under it by
-    what the three processes lose waiting on each other."""
-    d, p = direct["cpu_us_per_request"], proxy["cpu_us_per_request"]
-    total = sum(p.values())
-    return round(sum(d.values()) / total, 3) if total else None
+    """The ratio if CPU per request were all that limits requests/s: each side
+    can serve no more than the cores over the CPU a request costs all its
+    processes, nor more than one core over what it costs the busiest one (each
+    process runs on one core at a time). The measured ratio stays under it by
+    what the processes lose waiting on each other."""
+    def capacity(cpu: dict) -> float:
+        cost = [us for us in cpu.values() if us]
+        return min(os.cpu_count() / sum(cost), 1 / max(cost)) if cost else 0.0
+
+    d, p = capacity(direct["cpu_us_per_request"]), capacity(proxy["cpu_us_per_request"])
+    return round(p / d, 3) if d else None
 
 
 def round_all(x):
@@ -256,13 +355,27 @@ def round_all(x):
     return x
 
 
+def wrk_rows(thr: dict | None, clients: int) -> list[tuple]:
+    if thr is None:
+        return [(f"requests/s, {clients} wrk connections", "no wrk", "", "")]
+    cpu_d, cpu_p = thr["direct"]["cpu_us_per_request"], thr["proxy"]["cpu_us_per_request"]
+    return [
+        (f"requests/s, {clients} wrk connections", thr["direct"]["rps"], thr["proxy"]["rps"],
+         f"x{thr['ratio']}"),
+        ("  ... bound by CPU per request alone", "", "", f"x{thr['cpu_bound']}"),
+        ("CPU us per request there: upstream", cpu_d["upstream"], cpu_p["upstream"], ""),
+        ("  ... the proxy", "", cpu_p["proxy"], ""),
+        ("  ... wrk", cpu_d["client"], cpu_p["client"], ""),
+    ]
+
+
 def table(res: dict) -> str:
     lat, thr, fb, lv = (res["latency_ms"], res["throughput"], res["first_byte_ms"],
                         res["generating_after_leave_s"])
     rows = [
         ("latency p50 (ms)", lat["direct_p50"], lat["proxy_p50"], lat["added_p50"]),
         ("latency p99 (ms)", lat["direct_p99"], lat["proxy_p99"], lat["added_p99"]),
-        (f"requests/s, {res['clients']} clients", thr["direct"]["rps"], thr["proxy"]["rps"],
+        (f"requests/s, {res['clients']} aiohttp clients", thr["direct"]["rps"], thr["proxy"]["rps"],
          f"x{thr['ratio']}"),
         ("  ... bound by CPU per request alone", "", "", f"x{thr.get('cpu_bound')}"),
         ("CPU us per request there: upstream", thr["direct"]["cpu_us_per_request"]["upstream"],
@@ -270,6 +383,7 @@ def table(res: dict) -> str:
         ("  ... the proxy", "", thr["proxy"]["cpu_us_per_request"]["proxy"], ""),
         ("  ... the bench's client", thr["direct"]["cpu_us_per_request"]["client"],
          thr["proxy"]["cpu_us_per_request"]["client"], ""),
+        *wrk_rows(res.get("throughput_wrk"), res["clients"]),
         ("first streamed byte p50 (ms)", fb["direct_p50"], fb["proxy_p50"], fb["added_p50"]),
         ("generating after a streaming client left (s)", lv["stream_direct"],
          lv["stream_proxy"], ""),

@@ -40,6 +40,18 @@ MEASURES = {  # name: (path in proxy_bench.py's JSON, format)
                                  "{:.0f} us"),
     "CPU/req proxy": (("throughput", "proxy", "cpu_us_per_request", "proxy"), "{:.0f} us"),
     "CPU/req client": (("throughput", "direct", "cpu_us_per_request", "client"), "{:.0f} us"),
+    "wrk direct req/s": (("throughput_wrk", "direct", "rps"), "{:.0f}"),
+    "wrk proxy req/s": (("throughput_wrk", "proxy", "rps"), "{:.0f}"),
+    "wrk proxy/direct": (("throughput_wrk", "ratio"), "x{:.3f}"),
+    "wrk bound by CPU alone": (("throughput_wrk", "cpu_bound"), "x{:.3f}"),
+    "wrk CPU/req upstream direct": (("throughput_wrk", "direct", "cpu_us_per_request",
+                                     "upstream"), "{:.0f} us"),
+    "wrk CPU/req upstream proxied": (("throughput_wrk", "proxy", "cpu_us_per_request",
+                                      "upstream"), "{:.0f} us"),
+    "wrk CPU/req proxy": (("throughput_wrk", "proxy", "cpu_us_per_request", "proxy"),
+                          "{:.0f} us"),
+    "wrk CPU/req wrk": (("throughput_wrk", "proxy", "cpu_us_per_request", "client"),
+                        "{:.0f} us"),
     "first byte added (ms)": (("first_byte_ms", "added_p50"), "{:+.2f}"),
     "after stream leave (s)": (("generating_after_leave_s", "stream_proxy"), "{:.3f}"),
     "after timeout (s)": (("generating_after_leave_s", "nonstream_timeout_proxy"), "{:.3f}"),
@@ -90,8 +102,9 @@ def main() -> int:
                 res["load_1m"] = loads[-1]
                 runs[name].append(res)
                 lat, thr = res["latency_ms"], res["throughput"]
+                wrk = (res.get("throughput_wrk") or {}).get("ratio")
                 print(f"run {i + 1}/{a.runs} {name}: load {loads[-1]:.1f}, added p50 "
-                      f"{lat['added_p50']:+.3f} ms, x{thr['ratio']}, first byte "
+                      f"{lat['added_p50']:+.3f} ms, x{thr['ratio']} (wrk x{wrk}), first byte "
                       f"{res['first_byte_ms']['added_p50']:+.2f} ms", flush=True)
     result = {"load_1m": {"min": min(loads), "max": max(loads)},
               "proxies": {name: {"summary": summary(r), "runs": r} for name, r in runs.items()}}
@@ -101,7 +114,7 @@ def main() -> int:
         print(f"  {name}")
         for measure, stats in summary(r).items():
             fmt = MEASURES[measure][1]
-            print(f"    {measure:<26} {fmt.format(stats['median']):>9} "
+            print(f"    {measure:<30} {fmt.format(stats['median']):>9} "
                   f"({fmt.format(stats['min'])} .. {fmt.format(stats['max'])})")
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
