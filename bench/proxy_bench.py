@@ -148,8 +148,7 @@ class Bench:
     def throughput_wrk(self, clients) -> dict | None:
         """As throughput(), with wrk as the clients: --clients connections on one
         thread, direct and proxy in alternating whole-second slices. None when
-        wrk is not installed. wrk's own CPU is what its finished runs used
-        (RUSAGE_CHILDREN: the upstream and the proxy are reaped only at the end)."""
+        wrk is not installed."""
         wrk = shutil.which("wrk")
         if wrk is None:
             print("bench: wrk is not installed (apt-get install wrk): "
@@ -160,30 +159,18 @@ class Bench:
                   for base in (self.direct, self.proxy)}
         pids = {"upstream": self.server_pid, "proxy": self.proxy_pid}
         cpu = {base: dict.fromkeys([*pids, "client"], 0.0) for base in totals}
-        with tempfile.TemporaryDirectory() as tmp:
-            script = Path(tmp) / "post.lua"
-            script.write_text(WRK_SCRIPT.replace("BODY", lua_string(json.dumps(self.body()))))
-            for _ in range(self.args.rounds):
-                for base in totals:
-                    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-                    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    run = subprocess.run(
-                        [wrk, "-t1", f"-c{clients}", f"-d{slice_s}s", "--timeout", "10s",
-                         "-s", str(script), base + "/v1/chat/completions"],
-                        capture_output=True, text=True, timeout=slice_s + 30)
-                    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    for name, pid in pids.items():
-                        cpu[base][name] += cpu_seconds(pid) - before[name]
-                    cpu[base]["client"] += (after.ru_utime - children.ru_utime
-                                            + after.ru_stime - children.ru_stime)
-                    summary = wrk_summary(run.stdout)
-                    if run.returncode != 0 or summary is None:
-                        raise SystemExit(f"bench: wrk failed ({run.returncode}): "
-                                         f"{run.stderr.strip() or run.stdout.strip()}")
-                    total = totals[base]
-                    total["requests"] += summary["ok"]
-                    total["errors"] += summary["errors"]
-                    total["seconds"] += summary["seconds"]
+        body = self.body()
+        for _ in range(self.args.rounds):
+            for base in totals:
+                before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                summary = run_wrk(wrk, base + "/v1/chat/completions", body, clients, slice_s)
+                for name, pid in pids.items():
+                    cpu[base][name] += cpu_seconds(pid) - before[name]
+                cpu[base]["client"] += summary["cpu_s"]
+                total = totals[base]
+                total["requests"] += summary["ok"]
+                total["errors"] += summary["errors"]
+                total["seconds"] += summary["seconds"]
         for base, total in totals.items():
             total["rps"] = round(total["requests"] / total["seconds"], 1)
             total["cpu_us_per_request"] = {
@@ -314,21 +301,35 @@ end
 
 
 def lua_string(text: str) -> str:
-    """`text` as a Lua string literal (long brackets: no escapes inside)."""
-    level = 0
-    while f"]{'=' * level}]" in text:
-        level += 1
-    return f"[{'=' * level}[{text}]{'=' * level}]"
+    """`text` as a Lua string literal: its UTF-8 bytes, quotes, backslashes and
+    control bytes as three-digit decimal escapes, the rest as they are."""
+    return '"' + "".join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f"\\{b:03d}"
+                         for b in text.encode()) + '"'
 
 
-def wrk_summary(stdout: str) -> dict | None:
-    """The WRK line of WRK_SCRIPT's done(): requests answered 2xx, errors, seconds."""
-    for line in stdout.splitlines():
-        if line.startswith("WRK "):
+def run_wrk(wrk: str, url: str, body: dict, clients: int, seconds: int) -> dict:
+    """One wrk run POSTing `body` to `url` on `clients` connections for `seconds`:
+    requests answered 2xx ("ok"), errors (non-2xx included), the seconds it ran
+    and the CPU it used ("cpu_s": RUSAGE_CHILDREN across the run, which counts
+    only wrk as long as no other child of this process ends meanwhile; the
+    bench's upstream and proxy end only after the measures)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(WRK_SCRIPT.replace("BODY", lua_string(json.dumps(body))))
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        run = subprocess.run([wrk, "-t1", f"-c{clients}", f"-d{seconds}s", "--timeout", "10s",
+                              "-s", str(script), url],
+                             capture_output=True, text=True, timeout=seconds + 30)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for line in run.stdout.splitlines():
+        if run.returncode == 0 and line.startswith("WRK "):
             r = json.loads(line[4:])
             return {"ok": r["requests"] - r["status_errors"], "errors": r["errors"],
-                    "seconds": r["us"] / 1e6}
-    return None
+                    "seconds": r["us"] / 1e6,
+                    "cpu_s": (after.ru_utime - children.ru_utime
+                              + after.ru_stime - children.ru_stime)}
+    raise SystemExit(f"bench: wrk failed ({run.returncode}): "
+                     f"{run.stderr.strip() or run.stdout.strip()}")
 
 
 def cpu_bound(direct: dict, proxy: dict) -> float | None:
