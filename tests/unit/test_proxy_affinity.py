@@ -25,7 +25,8 @@ from tasks.proxy_args import proxy_argv
 from tests.fixtures.proxy import load_proxy
 from tests.unit.test_proxy_deploy import group_data
 from tests.unit.test_proxy_routing import second_stub  # noqa: F401 (fixture)
-from tests.unit.test_proxy_stub import client, metric, wait_healthy
+from tests.fixtures.proxy import wait_healthy
+from tests.unit.test_proxy_stub import client, metric
 
 pytestmark = pytest.mark.timeout(60)
 

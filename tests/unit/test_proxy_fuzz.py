@@ -21,30 +21,19 @@ import time
 import httpx2 as httpx
 import pytest
 
+from tests.fixtures.proxy import wait_healthy
 from tests.fixtures.raw_upstream import SSE_HEAD
 
 pytestmark = pytest.mark.timeout(180)
 
 SEED = int(os.environ.get("PROXY_FUZZ_SEED", "1515"))
 KEY = "fuzz-" + "k" * 40
+KEYED = {"Authorization": f"Bearer {KEY}"}  # /health with the key: the details too
 CHAT = [{"role": "user", "content": "hi"}]
 # What a status may be when the client sent garbage (the upstream is healthy).
 CLIENT_STATUSES = {200, 400, 401, 404, 405, 408, 413, 414, 417, 429, 431, 501, 503, 505}
 # ...and when the upstream misbehaves.
 UPSTREAM_STATUSES = {200, 400, 404, 422, 502, 503, 504}
-
-
-def wait_healthy(url, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if httpx.get(url + "/health", timeout=5,
-                         headers={"Authorization": f"Bearer {KEY}"}).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url}/health never said 200")
 
 
 def exchange(port: int, data: bytes, timeout: float) -> tuple[bytes, float]:
@@ -192,7 +181,7 @@ def test_fuzz_random_requests(upstream_stub, proxy_factory, tmp_path):
                       "--header-timeout-s", "1", "--body-timeout-s", "1",
                       "--max-body-bytes", "65536", "--request-timeout-s", "5",
                       "--retry-after-ms", "100")
-    wait_healthy(p.url)
+    wait_healthy(p.url, headers=KEYED)
     rng = random.Random(SEED)
     cases = [random_request(rng) for _ in range(250)]
     seen: dict = {}
@@ -333,7 +322,7 @@ def test_fuzz_random_upstream_answers(raw_upstream, proxy_factory):
                       else answers[current["i"]])
     p = proxy_factory(up.url, "--request-timeout-s", "3", "--first-byte-timeout-s", "2",
                       "--retry-after-ms", "100", "--public-name", "pub")
-    wait_healthy(p.url)
+    wait_healthy(p.url, headers=KEYED)
     seen: dict = {}
     for i in range(len(answers)):
         current["i"] = i
@@ -359,7 +348,7 @@ def test_fuzz_random_upstream_answers(raw_upstream, proxy_factory):
             assert "error" in r.json(), where[:3000]
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         if r.status_code >= 500:
-            wait_healthy(p.url)  # the proxy probes its way back
+            wait_healthy(p.url, headers=KEYED)  # the proxy probes its way back
     assert seen.get(200, 0) > 20 and seen.get(502, 0) > 5, seen
     good = httpx.post(p.url + "/v1/chat/completions", timeout=10,
                       json={"messages": CHAT, "good": True})

@@ -24,25 +24,13 @@ import httpx2 as httpx
 import pytest
 
 from tests.fixtures.raw_upstream import HANG, SSE_HEAD, event
-from tests.fixtures.proxy import load_proxy
+from tests.fixtures.proxy import load_proxy, wait_healthy
 
 pytestmark = pytest.mark.timeout(60)
 
 proxy = load_proxy()
 CHAT = [{"role": "user", "content": "hi"}]
 KEY = "s3cr3t-" + "k" * 40
-
-
-def wait_healthy(url, headers=None, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if httpx.get(url + "/health", headers=headers, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url}/health never said 200")
 
 
 def start(proxy_factory, upstream_url, *flags, key=None, tmp_path=None):
@@ -55,7 +43,7 @@ def start(proxy_factory, upstream_url, *flags, key=None, tmp_path=None):
         args += ["--api-key-file", str(key_file)]
         headers = {"Authorization": f"Bearer {key}"}
     p = proxy_factory(upstream_url, *args)
-    wait_healthy(p.url, headers)
+    wait_healthy(p.url, headers=headers)
     return p
 
 

@@ -18,7 +18,8 @@ import pytest
 
 from tests.fixtures.proxy import load_proxy
 from tests.fixtures.upstream_stub import UpstreamStub
-from tests.unit.test_proxy_stub import CHAT, client, metric, wait_healthy
+from tests.fixtures.proxy import wait_healthy
+from tests.unit.test_proxy_stub import CHAT, client, metric
 
 pytestmark = pytest.mark.timeout(60)
 

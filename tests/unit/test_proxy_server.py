@@ -20,7 +20,7 @@ import zlib
 import httpx2 as httpx
 import pytest
 
-from tests.unit.test_proxy_stub import wait_healthy
+from tests.fixtures.proxy import wait_healthy
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,6 +18,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
+from tests.fixtures.proxy import wait_healthy
+
 pytestmark = pytest.mark.timeout(60)
 
 CHAT = [{"role": "user", "content": "hi"}]
@@ -29,18 +31,6 @@ def proxy(upstream_stub, proxy_factory):
     p = proxy_factory(upstream_stub.url, "--public-name", "glm-5.2", "--retry-after-ms", "200")
     wait_healthy(p.url)
     return p
-
-
-def wait_healthy(url, timeout=10.0, headers=None):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url}/health never said 200")
 
 
 def client(p, **kw) -> openai.OpenAI:

@@ -21,7 +21,8 @@ from tasks.budget import GiB, MemoryLimits, compute
 from tasks.profiles import served
 from tests.fixtures.mlx_server import start_mlx_server
 from tests.unit.test_profiles import DATA
-from tests.unit.test_proxy_stub import metric, wait_healthy
+from tests.fixtures.proxy import wait_healthy
+from tests.unit.test_proxy_stub import metric
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
