@@ -98,7 +98,7 @@ class Bench:
             proxy.append(await self.one(session, self.proxy, body))
         return direct, proxy
 
-    async def throughput(self, session, clients) -> tuple[dict, dict]:
+    async def throughput(self, session, clients) -> dict:
         """Direct and proxy in alternating slices (--rounds of each), so that load
         from elsewhere on the machine, which comes and goes, falls on both alike."""
         body = self.body()
@@ -137,13 +137,8 @@ class Bench:
         for _ in range(self.args.rounds):
             await one_slice(self.direct)
             await one_slice(self.proxy)
-        for base, total in totals.items():
-            total["rps"] = round(total["requests"] / total["seconds"], 1)
-            total["cpu_us_per_request"] = {
-                name: round(1e6 * seconds / max(1, total["requests"]))
-                for name, seconds in cpu[base].items() if base == self.proxy or name != "proxy"}
-            total["seconds"] = round(total["seconds"], 3)
-        return totals[self.direct], totals[self.proxy]
+        return summarize(totals[self.direct], totals[self.proxy], cpu[self.direct],
+                         cpu[self.proxy])
 
     def throughput_wrk(self, clients) -> dict | None:
         """As throughput(), with wrk as the clients: --clients connections on one
@@ -171,16 +166,8 @@ class Bench:
                 total["requests"] += summary["ok"]
                 total["errors"] += summary["errors"]
                 total["seconds"] += summary["seconds"]
-        for base, total in totals.items():
-            total["rps"] = round(total["requests"] / total["seconds"], 1)
-            total["cpu_us_per_request"] = {
-                name: round(1e6 * seconds / max(1, total["requests"]))
-                for name, seconds in cpu[base].items() if base == self.proxy or name != "proxy"}
-            total["seconds"] = round(total["seconds"], 3)
-        d, p = totals[self.direct], totals[self.proxy]
-        return {"direct": d, "proxy": p,
-                "ratio": round(p["rps"] / d["rps"], 3) if d["rps"] else None,
-                "cpu_bound": cpu_bound(d, p)}
+        return summarize(totals[self.direct], totals[self.proxy], cpu[self.direct],
+                         cpu[self.proxy])
 
     async def first_byte(self, session, n) -> tuple[list[float], list[float]]:
         """Time to the first streamed token, direct and proxy alternating."""
@@ -266,10 +253,7 @@ class Bench:
                 "added_p50": 1e3 * (pct(lat_p, .5) - pct(lat_d, .5)),
                 "added_p99": 1e3 * (pct(lat_p, .99) - pct(lat_d, .99)),
                 "n": [len(lat_d), len(lat_p)]}
-            td, tp = await self.throughput(s, a.clients)
-            res["throughput"] = {"direct": td, "proxy": tp,
-                                 "ratio": round(tp["rps"] / td["rps"], 3) if td["rps"] else None,
-                                 "cpu_bound": cpu_bound(td, tp)}
+            res["throughput"] = await self.throughput(s, a.clients)
             res["throughput_wrk"] = self.throughput_wrk(a.clients)
             fd, fp = await self.first_byte(s, a.first_byte_n)
             res["first_byte_ms"] = {"direct_p50": 1e3 * statistics.median(fd),
@@ -330,6 +314,21 @@ def run_wrk(wrk: str, url: str, body: dict, clients: int, seconds: int) -> dict:
                               + after.ru_stime - children.ru_stime)}
     raise SystemExit(f"bench: wrk failed ({run.returncode}): "
                      f"{run.stderr.strip() or run.stdout.strip()}")
+
+
+def summarize(direct: dict, proxy: dict, cpu_direct: dict, cpu_proxy: dict) -> dict:
+    """A throughput phase's result from its totals (requests, errors, seconds)
+    and the CPU seconds of each process on each side: requests/s, CPU per
+    request (the proxy's only where it ran), the ratio and its ceiling."""
+    for total, cpu, side in ((direct, cpu_direct, "direct"), (proxy, cpu_proxy, "proxy")):
+        total["rps"] = round(total["requests"] / total["seconds"], 1)
+        total["cpu_us_per_request"] = {
+            name: round(1e6 * seconds / max(1, total["requests"]))
+            for name, seconds in cpu.items() if side == "proxy" or name != "proxy"}
+        total["seconds"] = round(total["seconds"], 3)
+    return {"direct": direct, "proxy": proxy,
+            "ratio": round(proxy["rps"] / direct["rps"], 3) if direct["rps"] else None,
+            "cpu_bound": cpu_bound(direct, proxy)}
 
 
 def cpu_bound(direct: dict, proxy: dict) -> float | None:
