@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import math
+from asyncio import timeout as deadline  # (the host's Python is 3.11 or later)
 
 from . import metrics as metrics_mod
 from .admission import Deadline, Gate, QueueFull
@@ -23,8 +24,6 @@ from .sse import (Assembler, BadUpstream, EventSplitter, as_stream, dumps, event
                   rename_event)
 from .upstream import FirstByteTimeout, Upstream, UpstreamConnection
 from .watchdog import Watchdog, note_expired
-
-from asyncio import timeout as deadline  # (the host's Python is 3.11 or later)
 
 log = logging.getLogger("mlx-route-proxy")
 

@@ -94,8 +94,8 @@ class Request:
                  "content_length", "protocol", "notes", "complete", "chunks", "size",
                  "waiter", "problem")
 
-    def __init__(self, protocol: Connection, method: str, path: str, headers: Headers, version: str, keep_alive: bool,
-                 content_length: int | None):
+    def __init__(self, protocol: Connection, method: str, path: str, headers: Headers,
+                 version: str, keep_alive: bool, content_length: int | None):
         self.protocol = protocol
         self.method = method
         self.path = path
@@ -441,8 +441,8 @@ class Connection(asyncio.Protocol):
             if name == b"content-length":
                 length = int(value)  # llhttp took it: digits, one value
                 break
-        request = Request(self, parser.get_method().decode("ascii", "replace"), path, headers, parser.get_http_version(), parser.should_keep_alive(),
-                          length)
+        request = Request(self, parser.get_method().decode("ascii", "replace"), path, headers,
+                          parser.get_http_version(), parser.should_keep_alive(), length)
         self.parsing = request
         if self.current is None and not self.pending:
             self.start(request)

@@ -21,12 +21,11 @@ import socket
 import ssl
 import struct
 import urllib.parse
+from asyncio import timeout as deadline  # (the host's Python is 3.11 or later)
 
 import httptools
 
 from .admission import Ticker
-
-from asyncio import timeout as deadline  # (the host's Python is 3.11 or later)
 
 MAX_HEAD_BYTES = 64 * 1024
 # An idle connection is reused only this soon: a server that closes idle
