@@ -361,19 +361,19 @@ def round_all(x):
     return x
 
 
-def wrk_rows(res: dict) -> list[tuple]:
-    thr, clients = res.get("throughput_wrk"), res["clients"]
+def throughput_rows(thr: dict | None, load: str, client: str, missing: str = "") -> list[tuple]:
+    """A throughput phase's rows: requests/s under `load`, the ceiling, CPU per
+    request of each process (`client`: the load generator's name)."""
     if thr is None:
-        why = "no wrk" if res["upstream"] == "stand-in" else "stand-in only"
-        return [(f"requests/s, {clients} wrk connections", why, "", "")]
-    cpu_d, cpu_p = thr["direct"]["cpu_us_per_request"], thr["proxy"]["cpu_us_per_request"]
+        return [(f"requests/s, {load}", missing, "", "")]
+    d, p = thr["direct"], thr["proxy"]
+    cpu_d, cpu_p = d["cpu_us_per_request"], p["cpu_us_per_request"]
     return [
-        (f"requests/s, {clients} wrk connections", thr["direct"]["rps"], thr["proxy"]["rps"],
-         f"x{thr['ratio']}"),
+        (f"requests/s, {load}", d["rps"], p["rps"], f"x{thr['ratio']}"),
         ("  ... bound by CPU per request alone", "", "", f"x{thr['cpu_bound']}"),
         ("CPU us per request there: upstream", cpu_d["upstream"], cpu_p["upstream"], ""),
         ("  ... the proxy", "", cpu_p["proxy"], ""),
-        ("  ... wrk", cpu_d["client"], cpu_p["client"], ""),
+        (f"  ... {client}", cpu_d["client"], cpu_p["client"], ""),
     ]
 
 
@@ -383,15 +383,9 @@ def table(res: dict) -> str:
     rows = [
         ("latency p50 (ms)", lat["direct_p50"], lat["proxy_p50"], lat["added_p50"]),
         ("latency p99 (ms)", lat["direct_p99"], lat["proxy_p99"], lat["added_p99"]),
-        (f"requests/s, {res['clients']} aiohttp clients", thr["direct"]["rps"], thr["proxy"]["rps"],
-         f"x{thr['ratio']}"),
-        ("  ... bound by CPU per request alone", "", "", f"x{thr.get('cpu_bound')}"),
-        ("CPU us per request there: upstream", thr["direct"]["cpu_us_per_request"]["upstream"],
-         thr["proxy"]["cpu_us_per_request"]["upstream"], ""),
-        ("  ... the proxy", "", thr["proxy"]["cpu_us_per_request"]["proxy"], ""),
-        ("  ... the bench's client", thr["direct"]["cpu_us_per_request"]["client"],
-         thr["proxy"]["cpu_us_per_request"]["client"], ""),
-        *wrk_rows(res),
+        *throughput_rows(thr, f"{res['clients']} aiohttp clients", "the bench's client"),
+        *throughput_rows(res.get("throughput_wrk"), f"{res['clients']} wrk connections", "wrk",
+                         "no wrk" if res["upstream"] == "stand-in" else "stand-in only"),
         ("first streamed byte p50 (ms)", fb["direct_p50"], fb["proxy_p50"], fb["added_p50"]),
         ("generating after a streaming client left (s)", lv["stream_direct"],
          lv["stream_proxy"], ""),
